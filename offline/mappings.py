@@ -1,0 +1,83 @@
+"""Smoothing mappings as data, keyed by ``config.architectures[0]``.
+
+A :class:`SmoothGroup` names, relative to one decoder layer, the module whose output feeds
+the group's linears (``prev``) and those linears. Smoothing divides ``prev``'s output
+channels by ``s`` and multiplies the linears' input channels by ``s``, so ``prev`` must be
+linear in its output up to a per-channel scale: a LayerNorm/RMSNorm (weight and bias), or a
+Linear followed by nothing, a ReLU, or an elementwise product with another branch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SmoothGroup:
+    name: str  # short id used on the CLI and in reports, e.g. "qkv"
+    prev: str  # norm or linear whose output channels are divided by s
+    linears: tuple[str, ...]  # linears whose input channels are multiplied by s
+    # prev is v_proj feeding o_proj through attention: with GQA one kv head serves several
+    # query heads, so s must be equal across the query heads that share a kv head.
+    attention_heads: bool = False
+
+
+@dataclass(frozen=True)
+class ArchMapping:
+    layers: str  # attribute path of the decoder layer list
+    groups: tuple[SmoothGroup, ...]
+    default_alpha: float
+
+
+_LLAMA = ArchMapping(
+    layers="model.layers",
+    groups=(
+        SmoothGroup("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        SmoothGroup("gate_up", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        SmoothGroup("o", "self_attn.v_proj", ("self_attn.o_proj",), attention_heads=True),
+        SmoothGroup("down", "mlp.up_proj", ("mlp.down_proj",)),  # silu(gate) * up is linear in up
+    ),
+    default_alpha=0.8,
+)
+
+_OPT = ArchMapping(
+    layers="model.decoder.layers",
+    groups=(
+        SmoothGroup("qkv", "self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        SmoothGroup("fc1", "final_layer_norm", ("fc1",)),
+        SmoothGroup("o", "self_attn.v_proj", ("self_attn.out_proj",), attention_heads=True),
+        SmoothGroup("fc2", "fc1", ("fc2",)),  # ReLU(x / s) = ReLU(x) / s for s > 0
+    ),
+    default_alpha=0.5,
+)
+
+MAPPINGS: dict[str, ArchMapping] = {
+    "OPTForCausalLM": _OPT,
+    "LlamaForCausalLM": _LLAMA,
+    "MistralForCausalLM": _LLAMA,
+    "Qwen2ForCausalLM": _LLAMA,  # q/k/v biases live on the linears: unaffected by input scaling
+    "Qwen3ForCausalLM": _LLAMA,  # q_norm/k_norm act after q/k_proj, per head: unaffected
+}
+
+# Groups smoothed by default: the norm -> linear pairs of the paper.
+DEFAULT_GROUPS = ("qkv", "gate_up", "fc1")
+
+
+class UnsupportedArchitectureError(ValueError):
+    pass
+
+
+def mapping_for(config) -> ArchMapping:
+    """The mapping for a transformers config; an unknown architecture is an error listing the supported ones."""
+    archs = getattr(config, "architectures", None) or []
+    if not archs:
+        raise UnsupportedArchitectureError(
+            "config.json has no 'architectures' entry; add e.g. \"architectures\": [\"LlamaForCausalLM\"]. "
+            f"Supported: {', '.join(sorted(MAPPINGS))}."
+        )
+    if archs[0] not in MAPPINGS:
+        raise UnsupportedArchitectureError(
+            f"architecture {archs[0]!r} has no SmoothQuant mapping. Supported: {', '.join(sorted(MAPPINGS))}. "
+            "Add an ArchMapping to vllm_smoothquant/offline/mappings.py (norm -> linears it feeds)."
+        )
+    return MAPPINGS[archs[0]]

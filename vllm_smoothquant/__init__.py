@@ -1,0 +1,28 @@
+"""SmoothQuant W8A8 for vLLM.
+
+``register()`` is the ``vllm.general_plugins`` entry point: vLLM calls it in every
+process that builds a model. Importing this package does no work and does not import vLLM.
+"""
+
+__version__ = "0.1.0"
+
+_registered = False
+
+
+def register() -> None:
+    """Register the ``smoothquant`` quantization method with vLLM (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from vllm.model_executor.layers.linear import register_weight_loader_v2_supported_method
+    from vllm.model_executor.layers.quantization import register_quantization_config
+
+    from .config import SmoothQuantConfig
+    from .linear_method import SmoothQuantLinearMethod
+
+    register_quantization_config("smoothquant")(SmoothQuantConfig)
+    register_weight_loader_v2_supported_method(SmoothQuantLinearMethod)
+    _registered = True
+
+
+__all__ = ["register", "__version__"]

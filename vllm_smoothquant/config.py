@@ -1,0 +1,62 @@
+"""vLLM ``QuantizationConfig`` for SmoothQuant W8A8 checkpoints (``quant_method: smoothquant``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
+from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
+from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+
+from .format import QUANT_METHOD, SmoothQuantFormat
+
+
+class SmoothQuantConfig(QuantizationConfig):
+    """int8 weights (per channel or per tensor) x int8 activations (per token, per tensor or static).
+
+    Smoothing is already folded into the checkpoint's norms and linears, so at run time
+    this is plain W8A8: vLLM's int8 kernel (CUTLASS on CUDA, oneDNN on CPU) does the work.
+    """
+
+    def __init__(self, fmt: SmoothQuantFormat) -> None:
+        super().__init__()
+        self.fmt = fmt
+
+    def __repr__(self) -> str:
+        return f"SmoothQuantConfig({self.fmt})"
+
+    def get_name(self) -> str:
+        return QUANT_METHOD
+
+    def get_supported_act_dtypes(self) -> list[torch.dtype]:
+        return [torch.float16, torch.bfloat16]
+
+    @classmethod
+    def get_min_capability(cls) -> int:
+        return 75  # Turing: the oldest GPU with CUTLASS int8 tensor-core GEMMs in vLLM
+
+    @staticmethod
+    def get_config_filenames() -> list[str]:
+        return []  # read from config.json's quantization_config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "SmoothQuantConfig":
+        return cls(SmoothQuantFormat.from_dict(config))
+
+    @classmethod
+    def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
+        """Pick ``smoothquant`` for SmoothQuant checkpoints even without ``--quantization``."""
+        if isinstance(hf_quant_cfg, dict) and hf_quant_cfg.get("quant_method") == QUANT_METHOD:
+            if user_quant in (None, QUANT_METHOD):
+                return QUANT_METHOD
+        return None
+
+    def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        if not isinstance(layer, LinearBase):
+            return None  # embeddings, lm_head, norms stay in the model dtype
+        if is_layer_skipped(prefix, list(self.fmt.ignore), self.packed_modules_mapping):
+            return UnquantizedLinearMethod()
+        from .linear_method import SmoothQuantLinearMethod
+
+        return SmoothQuantLinearMethod(self.fmt, prefix)

@@ -1,0 +1,164 @@
+"""SmoothQuant checkpoint format, version 1: the typed ``quantization_config``.
+
+Shared by the offline writer and the vLLM plugin, so both sides validate the same
+schema. A checkpoint is a normal Hugging Face model directory whose ``config.json``
+carries::
+
+    "quantization_config": {
+        "quant_method": "smoothquant",
+        "format_version": 1,
+        "weights":     {"num_bits": 8, "strategy": "channel", "symmetric": true},
+        "activations": {"num_bits": 8, "strategy": "token", "dynamic": true, "symmetric": true},
+        "alpha": 0.5, "smoothed": true,
+        "ignore": ["lm_head"],
+        "calibration": {"source": "...", "num_samples": 128, "seq_len": 512}
+    }
+
+and whose safetensors hold, for every quantized Linear ``<name>``:
+
+- ``<name>.weight``       int8    ``[out, in]``  (symmetric, q_max = 127)
+- ``<name>.weight_scale`` float32 ``[out, 1]`` (strategy "channel") or ``[1]`` ("tensor")
+- ``<name>.input_scale``  float32 ``[1]`` only when activations are static.
+
+The tensor names and meanings are those of compressed-tensors' W8A8-int8, so one set of
+safetensors serves both formats (see ``vllm-smoothquant convert``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+QUANT_METHOD = "smoothquant"
+FORMAT_VERSION = 1
+Q_MAX = 127
+
+WEIGHT_STRATEGIES = ("channel", "tensor")
+ACTIVATION_STRATEGIES = ("token", "tensor")
+
+
+class FormatError(ValueError):
+    """The checkpoint's quantization_config does not follow the SmoothQuant format."""
+
+
+def _require(d: dict[str, Any], key: str, where: str) -> Any:
+    if key not in d:
+        raise FormatError(
+            f"quantization_config{where} is missing the key {key!r}; re-create the checkpoint "
+            f"with `vllm-smoothquant quantize` or add the key to config.json."
+        )
+    return d[key]
+
+
+def _check_choice(value: Any, choices: tuple[str, ...], key: str) -> str:
+    if value not in choices:
+        raise FormatError(f"quantization_config{key} = {value!r} is not supported; use one of {list(choices)}.")
+    return value
+
+
+def _check_int8(d: dict[str, Any], where: str) -> None:
+    bits = _require(d, "num_bits", where)
+    if bits != 8:
+        raise FormatError(f"quantization_config{where}.num_bits = {bits!r}; SmoothQuant format v1 is int8 only (8).")
+    if d.get("symmetric", True) is not True:
+        raise FormatError(f"quantization_config{where}.symmetric must be true: format v1 has no zero points.")
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """int8 symmetric weights; one scale per output channel ("channel") or per tensor ("tensor")."""
+
+    strategy: str = "channel"
+    num_bits: int = 8
+    symmetric: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WeightScheme":
+        _check_int8(d, "['weights']")
+        strategy = _check_choice(_require(d, "strategy", "['weights']"), WEIGHT_STRATEGIES, "['weights']['strategy']")
+        return cls(strategy=strategy)
+
+
+@dataclass(frozen=True)
+class ActivationScheme:
+    """int8 symmetric activations: dynamic per token / per tensor, or static per tensor (``input_scale``)."""
+
+    strategy: str = "token"
+    dynamic: bool = True
+    num_bits: int = 8
+    symmetric: bool = True
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ActivationScheme":
+        where = "['activations']"
+        _check_int8(d, where)
+        strategy = _check_choice(_require(d, "strategy", where), ACTIVATION_STRATEGIES, where + "['strategy']")
+        dynamic = _require(d, "dynamic", where)
+        if not isinstance(dynamic, bool):
+            raise FormatError(f"quantization_config{where}['dynamic'] must be true or false, got {dynamic!r}.")
+        if strategy == "token" and not dynamic:
+            raise FormatError(
+                f"quantization_config{where}: static activation scales are per tensor; "
+                "set strategy to 'tensor' or dynamic to true."
+            )
+        return cls(strategy=strategy, dynamic=dynamic)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    source: str = ""
+    num_samples: int = 0
+    seq_len: int = 0
+
+
+@dataclass(frozen=True)
+class SmoothQuantFormat:
+    """The validated ``quantization_config`` of a SmoothQuant checkpoint."""
+
+    weights: WeightScheme = field(default_factory=WeightScheme)
+    activations: ActivationScheme = field(default_factory=ActivationScheme)
+    alpha: float | None = 0.5
+    smoothed: bool = True
+    ignore: tuple[str, ...] = ("lm_head",)
+    calibration: Calibration = field(default_factory=Calibration)
+    format_version: int = FORMAT_VERSION
+    quant_method: str = QUANT_METHOD
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "SmoothQuantFormat":
+        if not isinstance(d, dict):
+            raise FormatError(f"quantization_config must be a JSON object, got {type(d).__name__}.")
+        method = _require(d, "quant_method", "")
+        if method != QUANT_METHOD:
+            raise FormatError(f"quantization_config['quant_method'] is {method!r}, expected {QUANT_METHOD!r}.")
+        version = _require(d, "format_version", "")
+        if version != FORMAT_VERSION:
+            raise FormatError(
+                f"quantization_config['format_version'] = {version!r} is not supported by this version of "
+                f"vllm-smoothquant (it reads version {FORMAT_VERSION}); upgrade vllm-smoothquant or re-quantize."
+            )
+        ignore = d.get("ignore", [])
+        if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
+            raise FormatError("quantization_config['ignore'] must be a list of module names.")
+        alpha = d.get("alpha")
+        if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+            raise FormatError(f"quantization_config['alpha'] = {alpha!r} must be a number in [0, 1] or null.")
+        cal = d.get("calibration") or {}
+        return cls(
+            weights=WeightScheme.from_dict(_require(d, "weights", "")),
+            activations=ActivationScheme.from_dict(_require(d, "activations", "")),
+            alpha=alpha,
+            smoothed=bool(d.get("smoothed", True)),
+            ignore=tuple(ignore),
+            calibration=Calibration(
+                source=str(cal.get("source", "")),
+                num_samples=int(cal.get("num_samples", 0)),
+                seq_len=int(cal.get("seq_len", 0)),
+            ),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["ignore"] = list(self.ignore)
+        # Keys first that a reader looks for first.
+        return {"quant_method": d.pop("quant_method"), "format_version": d.pop("format_version"), **d}
