@@ -1,4 +1,4 @@
-"""``vllm-smoothquant``: quantize | eval | demo.
+"""``vllm-smoothquant``: quantize | eval | convert | demo.
 
     vllm-smoothquant quantize MODEL_DIR OUTPUT_DIR --calib FILE [--num-samples N] [--seq-len L]
         [--alpha A] [--no-smooth] [--device cpu|cuda] [--dtype bfloat16|float16] ...
@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default="auto")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
+    c = sub.add_parser("convert", help="rewrite a SmoothQuant checkpoint as compressed-tensors (stock vLLM loads it)")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--to", choices=["compressed-tensors"], default="compressed-tensors")
+    c.add_argument("--overwrite", action="store_true")
+
     sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M: quantize, serve, compare perplexity")
     return p
 
@@ -112,6 +118,8 @@ def _eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from vllm_smoothquant.format import FormatError
+
     from .calibration import CalibrationDataError
     from .export import OutputExistsError
     from .mappings import UnsupportedArchitectureError
@@ -122,10 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             return _quantize(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "convert":
+            from .convert import to_compressed_tensors
+
+            print(f"wrote {to_compressed_tensors(args.src, args.dst, overwrite=args.overwrite)}")
+            return 0
         from .demo import run_demo
 
         return run_demo()
-    except (CalibrationDataError, OutputExistsError, UnsupportedArchitectureError, OptionsError) as e:
+    except (FormatError, CalibrationDataError, OutputExistsError, UnsupportedArchitectureError, OptionsError) as e:
         print(f"vllm-smoothquant {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,6 +44,28 @@ def save_safetensors(state_dict: dict[str, torch.Tensor], directory: Path, max_s
         (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
+@contextmanager
+def atomic_dir(out: Path, overwrite: bool = False):
+    """Yield a temporary directory beside ``out``; on success it replaces ``out``, on error it is removed."""
+    out = Path(out).resolve()
+    check_output_dir(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint is meant to be shared
+    try:
+        yield tmp
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def write_checkpoint(
     out: Path,
     *,
@@ -55,13 +78,8 @@ def write_checkpoint(
     report: dict | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write everything into a temp dir beside ``out``, then rename it to ``out``."""
-    out = Path(out).resolve()
-    check_output_dir(out, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint is meant to be shared
-    try:
+    """Write the checkpoint into a temp dir beside ``out``, then rename it to ``out``."""
+    with atomic_dir(out, overwrite) as tmp:
         save_safetensors(state_dict, tmp)
         config.quantization_config = fmt.to_dict()
         config.save_pretrained(tmp)
@@ -75,17 +93,7 @@ def write_checkpoint(
                 save_file({k: v.clone().contiguous() for k, v in stats.items()}, tmp / STATS_DIR / "stats.safetensors")
             if report:
                 (tmp / STATS_DIR / "report.json").write_text(json.dumps(report, indent=2))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return Path(out).resolve()
 
 
 def directory_size(path: Path) -> int:

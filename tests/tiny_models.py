@@ -1,0 +1,90 @@
+"""Tiny random causal LMs with injected activation outliers, plus a tiny word-level tokenizer.
+
+Outliers are what SmoothQuant is for: a few norm channels are scaled up (so the inputs of
+q/k/v and gate/up or fc1 have outlier channels, as in real LLMs) and a few v_proj / up_proj /
+fc1 output rows too (outliers in the inputs of o_proj and down_proj / fc2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ARCHS = ("OPTForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+WORDS = (
+    "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
+    "you were her she there one all we their its been has more if no when will would who so my what up out them "
+    "time about into than only other new some could these two may first then do any like people now our over"
+).split()
+VOCAB = 512
+
+
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for w in WORDS:
+        vocab.setdefault(w, len(vocab))
+    for i in range(VOCAB - len(vocab)):
+        vocab[f"w{i}"] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def tiny_config(arch: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2):
+    import transformers
+
+    common = dict(vocab_size=VOCAB, num_hidden_layers=layers, num_attention_heads=heads, architectures=[arch],
+                  max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+    if arch == "OPTForCausalLM":
+        return transformers.OPTConfig(hidden_size=hidden, ffn_dim=4 * hidden, word_embed_proj_dim=hidden, **common)
+    cls = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
+           "Qwen2ForCausalLM": "Qwen2Config", "Qwen3ForCausalLM": "Qwen3Config"}[arch]
+    extra = {"head_dim": hidden // heads} if arch == "Qwen3ForCausalLM" else {}
+    return getattr(transformers, cls)(hidden_size=hidden, intermediate_size=3 * hidden, num_key_value_heads=kv_heads,
+                                      tie_word_embeddings=False, **common, **extra)
+
+
+@torch.no_grad()
+def inject_outliers(model, seed: int = 0, factor: float = 30.0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for name, m in model.named_modules():
+        leaf = name.rsplit(".", 1)[-1]
+        w = getattr(m, "weight", None)
+        if w is None or not isinstance(w, torch.nn.Parameter):
+            continue
+        if "norm" in leaf and w.dim() == 1 and leaf not in ("q_norm", "k_norm") and "layers." in name:
+            idx = torch.randperm(w.numel(), generator=g)[:3]
+            w[idx] *= factor
+            if getattr(m, "bias", None) is not None:
+                m.bias.normal_(0, 0.5, generator=g)
+        elif leaf in ("v_proj", "up_proj", "fc1"):
+            idx = torch.randperm(w.shape[0], generator=g)[:2]
+            w[idx] *= factor / 3
+
+
+def tiny_model(arch: str, seed: int = 0, **kw):
+    """fp32 random model of ``arch`` with outliers; deterministic for a given seed."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **kw), dtype=torch.float32).eval()
+    inject_outliers(model, seed)
+    return model
+
+
+def save_tiny(arch: str, path: Path, dtype=torch.bfloat16, seed: int = 0, **kw) -> Path:
+    model = tiny_model(arch, seed, **kw).to(dtype)
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def calib_text(path: Path, words: int = 6000, seed: int = 0) -> Path:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, len(WORDS), (words,), generator=g).tolist()
+    path.write_text(" ".join(WORDS[i] for i in idx))
+    return path
