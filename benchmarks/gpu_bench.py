@@ -141,7 +141,7 @@ def _engine_facts(log: str) -> dict:
 
 
 def run_suite(shape: str, root: Path, suite: str, rows: Path, work: Path, variants: list[str], extra: list[str],
-              num_prompts: int = 1000):
+              num_prompts: int = 1000, batch_sizes: tuple[int, ...] = (1, 8, 64)):
     env = _env()
     work.mkdir(parents=True, exist_ok=True)
     dirs = _dirs(root, shape)
@@ -168,7 +168,7 @@ def run_suite(shape: str, root: Path, suite: str, rows: Path, work: Path, varian
                   "req_s": r["requests_per_second"], "weights_gib": _gib(dirs[v]), **_engine_facts(log),
                   "command": " ".join(cmd)})
         elif suite == "latency":
-            for b in (1, 8, 64):
+            for b in batch_sizes:
                 out = work / f"{shape}-{v}-latency-b{b}.json"
                 cmd = ["vllm", "bench", "latency", *common, "--input-len", "128", "--output-len", "128",
                        "--batch-size", str(b), "--num-iters-warmup", "2", "--num-iters", "5", "--output-json", str(out)]
@@ -232,6 +232,7 @@ def main(argv=None):
     r.add_argument("--rows", type=Path, required=True, help="JSONL file the rows are appended to")
     r.add_argument("--work", type=Path, default=Path("/tmp/bench-work"))
     r.add_argument("--num-prompts", type=int, default=1000)
+    r.add_argument("--batch-sizes", default="1,8,64", help="latency suite batch sizes")
     r.add_argument("extra", nargs="*", help="extra engine args after --, e.g. -- --max-model-len 2048")
     rp = sub.add_parser("report")
     rp.add_argument("rows", type=Path, nargs="+")
@@ -239,7 +240,8 @@ def main(argv=None):
     if a.cmd == "build":
         build(a.shape, a.root, a.tokenizer, a.device)
     elif a.cmd == "run":
-        run_suite(a.shape, a.root, a.suite, a.rows, a.work, a.variants.split(","), a.extra, a.num_prompts)
+        run_suite(a.shape, a.root, a.suite, a.rows, a.work, a.variants.split(","), a.extra, a.num_prompts,
+                  tuple(int(b) for b in a.batch_sizes.split(",")))
     else:
         from report import report  # benchmarks/report.py
 

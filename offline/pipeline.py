@@ -125,7 +125,8 @@ def smooth_model(
         for g in groups:
             key = f"{mapping.layers}.{i}.{g.linears[0]}"
             linears = [_get(layer, n) for n in g.linears]
-            a, w = act_absmax[key], weight_absmax(linears)
+            w = weight_absmax(linears)
+            a = act_absmax[key].to(w.device)
             if g.attention_heads:
                 s_prev = smoothing_scales(
                     share_across_query_heads(a, heads, kv_heads), share_across_query_heads(w, heads, kv_heads), alpha
@@ -135,7 +136,7 @@ def smooth_model(
                 s_prev = s_in = smoothing_scales(a, w, alpha)
             apply_smoothing(_get(layer, g.prev), linears, s_prev, s_in)
             for n in g.linears:
-                after[f"{mapping.layers}.{i}.{n}"] = act_absmax[f"{mapping.layers}.{i}.{n}"] / s_in
+                after[f"{mapping.layers}.{i}.{n}"] = act_absmax[f"{mapping.layers}.{i}.{n}"] / s_in.cpu()
             reports.append(GroupReport(i, g.name, alpha, float(a.max()), float(after[key].max())))
     return after, reports
 
