@@ -41,9 +41,12 @@ def perplexity(llm, windows: list[list[int]], batch: int = 16) -> Perplexity:
 
 def make_llm(model: str, quantization: str | None = None, **kwargs):
     """A ``vllm.LLM`` with settings that suit evaluation on CPU and GPU alike."""
+    import torch
     from vllm import LLM
 
     defaults = dict(
+        # CPU: skip torch.compile warm-up (minutes per new model on 2 cores); CUDA: vLLM defaults
+        enforce_eager=not torch.cuda.is_available(),
         quantization=quantization,
         max_model_len=2048,
         enable_prefix_caching=False,  # every prompt logprob is computed, none served from cache

@@ -34,7 +34,7 @@ FORMAT_VERSION = 1
 Q_MAX = 127
 
 WEIGHT_STRATEGIES = ("channel", "tensor")
-ACTIVATION_STRATEGIES = ("token", "tensor")
+ACTIVATION_STRATEGIES = ("token", "tensor")  # token: dynamic; tensor: static input_scale
 
 
 class FormatError(ValueError):
@@ -100,6 +100,11 @@ class ActivationScheme:
             raise FormatError(
                 f"quantization_config{where}: static activation scales are per tensor; "
                 "set strategy to 'tensor' or dynamic to true."
+            )
+        if strategy == "tensor" and dynamic:
+            raise FormatError(
+                f"quantization_config{where}: dynamic per-tensor activations are not supported by vLLM's int8 "
+                "kernels (dynamic is per token, static is per tensor); use strategy 'token' or dynamic false."
             )
         return cls(strategy=strategy, dynamic=dynamic)
 

@@ -1,0 +1,95 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import calib_text, save_tiny
+
+from vllm_smoothquant.format import SmoothQuantFormat
+from vllm_smoothquant.offline.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    return save_tiny("LlamaForCausalLM", root / "llama"), calib_text(root / "calib.txt")
+
+
+def _quantize(model, out, calib, *extra):
+    return main(["quantize", str(model), str(out), "--calib", str(calib), "--num-samples", "4", "--seq-len", "64",
+                 *extra])
+
+
+@pytest.mark.parametrize("activations", ["token", "static"])
+def test_checkpoint_follows_format_v1(tiny, tmp_path, activations):
+    model, calib = tiny
+    out = tmp_path / "ckpt"
+    assert _quantize(model, out, calib, "--activations", activations) == 0
+    cfg = json.loads((out / "config.json").read_text())
+    fmt = SmoothQuantFormat.from_dict(cfg["quantization_config"])
+    assert fmt.smoothed and fmt.alpha == 0.8 and fmt.calibration.num_samples == 4
+    sd = load_file(out / "model.safetensors")
+    linears = [k[: -len(".weight_scale")] for k in sd if k.endswith(".weight_scale")]
+    assert len(linears) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
+    for n in linears:
+        w, s = sd[f"{n}.weight"], sd[f"{n}.weight_scale"]
+        assert w.dtype == torch.int8 and s.dtype == torch.float32 and s.shape == (w.shape[0], 1)
+        assert (f"{n}.input_scale" in sd) == (activations == "static")
+    assert sd["model.embed_tokens.weight"].dtype == torch.bfloat16 and sd["lm_head.weight"].dtype == torch.bfloat16
+    assert (out / "tokenizer.json").is_file() and (out / "generation_config.json").is_file()
+    assert not list(tmp_path.glob(".*partial"))
+
+
+def test_no_smooth_keeps_norms(tiny, tmp_path):
+    model, calib = tiny
+    assert _quantize(model, tmp_path / "naive", calib, "--no-smooth") == 0
+    fmt = json.loads((tmp_path / "naive" / "config.json").read_text())["quantization_config"]
+    assert fmt["smoothed"] is False and fmt["alpha"] is None
+    ref = load_file(model / "model.safetensors")["model.layers.0.input_layernorm.weight"]
+    assert torch.equal(load_file(tmp_path / "naive" / "model.safetensors")["model.layers.0.input_layernorm.weight"], ref)
+
+
+@pytest.mark.parametrize("alpha", ["1.5", "-0.1", "abc"])
+def test_alpha_outside_unit_interval_is_a_usage_error(tiny, tmp_path, alpha, capsys):
+    model, calib = tiny
+    with pytest.raises(SystemExit) as e:
+        _quantize(model, tmp_path / "o", calib, "--alpha", alpha)
+    assert e.value.code == 2 and "--alpha" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_dir_is_refused(tiny, tmp_path, capsys):
+    model, calib = tiny
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "keep.txt").write_text("mine")
+    assert _quantize(model, tmp_path / "o", calib) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / "o" / "keep.txt").read_text() == "mine"
+    assert _quantize(model, tmp_path / "o", calib, "--overwrite") == 0
+    assert not (tmp_path / "o" / "keep.txt").exists() and (tmp_path / "o" / "config.json").exists()
+
+
+def test_unknown_architecture_lists_supported(tiny, tmp_path, capsys):
+    model, calib = tiny
+    cfg = json.loads((model / "config.json").read_text())
+    other = tmp_path / "gpt2ish"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({**cfg, "architectures": ["GPT2LMHeadModel"]}))
+    assert _quantize(other, tmp_path / "o", calib) == 2
+    err = capsys.readouterr().err
+    assert "'GPT2LMHeadModel'" in err and "LlamaForCausalLM" in err and "OPTForCausalLM" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_too_short_calibration_leaves_nothing(tiny, tmp_path, capsys):
+    model, _ = tiny
+    (tmp_path / "short.txt").write_text("the of and")
+    assert _quantize(model, tmp_path / "o", tmp_path / "short.txt") == 2
+    assert "fewer than one window" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.*"))
+
+
+def test_convert_rejects_non_smoothquant(tiny, tmp_path, capsys):
+    model, _ = tiny
+    assert main(["convert", str(model), str(tmp_path / "ct")]) == 2
+    assert "not a SmoothQuant checkpoint" in capsys.readouterr().err

@@ -1,0 +1,57 @@
+import subprocess
+import sys
+
+import pytest
+
+import vllm_smoothquant
+from vllm_smoothquant.format import SmoothQuantFormat
+
+
+def test_import_does_no_work():
+    code = "import sys, vllm_smoothquant; print('vllm' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_entry_point_is_declared():
+    from importlib.metadata import entry_points
+
+    eps = {e.name: e.value for e in entry_points(group="vllm.general_plugins")}
+    assert eps.get("smoothquant") == "vllm_smoothquant:register"
+
+
+def test_register_is_idempotent_and_registers_config():
+    from vllm.model_executor.layers.linear import WEIGHT_LOADER_V2_SUPPORTED
+    from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, get_quantization_config
+
+    vllm_smoothquant.register()
+    vllm_smoothquant.register()
+    from vllm_smoothquant.config import SmoothQuantConfig
+
+    assert get_quantization_config("smoothquant") is SmoothQuantConfig
+    assert QUANTIZATION_METHODS.count("smoothquant") == 1
+    assert WEIGHT_LOADER_V2_SUPPORTED.count("SmoothQuantLinearMethod") == 1
+
+
+@pytest.mark.parametrize(
+    "hf_cfg, user, expected",
+    [
+        ({"quant_method": "smoothquant"}, None, "smoothquant"),
+        ({"quant_method": "smoothquant"}, "smoothquant", "smoothquant"),
+        ({"quant_method": "smoothquant"}, "fp8", None),
+        ({"quant_method": "compressed-tensors"}, None, None),
+    ],
+    ids=["auto-detect", "explicit", "user-asks-other", "other-checkpoint"],
+)
+def test_override_quantization_method(hf_cfg, user, expected):
+    from vllm_smoothquant.config import SmoothQuantConfig
+
+    assert SmoothQuantConfig.override_quantization_method(hf_cfg, user) == expected
+
+
+def test_from_config_and_quant_method_choice():
+    from vllm_smoothquant.config import SmoothQuantConfig
+
+    cfg = SmoothQuantConfig.from_config(SmoothQuantFormat().to_dict())
+    assert cfg.get_name() == "smoothquant" and cfg.get_min_capability() == 75
+    assert cfg.get_quant_method(object(), "model.embed_tokens") is None  # not a LinearBase
