@@ -69,7 +69,10 @@ def token_windows(path: str | Path, tokenizer, num_samples: int, seq_len: int) -
 def collect_input_absmax(
     model: nn.Module, linears: dict[str, nn.Linear], windows: list[list[int]], device: str | torch.device
 ) -> dict[str, torch.Tensor]:
-    """Run the windows through ``model``; return ``{name: max|X| per input channel [in] float32}``."""
+    """Run the windows through ``model``; return ``{name: max|X| per input channel [in] float32}``.
+
+    Only the decoder runs (``model.base_model``): the LM head's logits are not needed.
+    """
     stats: dict[str, torch.Tensor] = {}
 
     def hook(name):
@@ -83,7 +86,7 @@ def collect_input_absmax(
     handles = [lin.register_forward_hook(hook(name)) for name, lin in linears.items()]
     try:
         for w in tqdm(windows, desc="calibrating", unit="sample"):
-            model(torch.tensor([w], device=device), use_cache=False)
+            model.base_model(torch.tensor([w], device=device), use_cache=False)
     finally:
         for h in handles:
             h.remove()

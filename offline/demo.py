@@ -18,7 +18,7 @@ from .calibration import token_windows
 from .evaluate import make_llm, perplexity
 from .pipeline import QuantizeOptions, quantize
 
-CALIB_SAMPLES, CALIB_LEN = 64, 512
+CALIB_SAMPLES, CALIB_LEN = 32, 512
 EVAL_WINDOWS, EVAL_LEN = 32, 512
 PROMPT = "What is the capital of France? Answer in one sentence."
 

@@ -1,0 +1,105 @@
+"""Pivot benchmark rows (one JSON line per tool run) into results JSON, a Markdown table and a PNG.
+
+    python benchmarks/report.py benchmarks/results/raw/*.jsonl
+
+Writes ``benchmarks/results/<device>-<date>.json`` (rows with fp16_*, stock_w8a8_*, smoothquant_*
+side by side), ``benchmarks/results/<device>-<date>.md`` (the table) and ``...png`` (the plot).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+VARIANTS = ("fp16", "stock_w8a8", "smoothquant")
+METRIC = {"vllm bench throughput": "tok_s", "vllm bench latency": "latency_s", "vllm bench serve": "output_tok_s"}
+EXTRA = ("output_tok_s", "kv_cache_tokens", "model_load_gib", "mean_ttft_ms", "mean_tpot_ms")
+
+
+def pivot(rows: list[dict]) -> list[dict]:
+    groups: dict[tuple, dict] = defaultdict(dict)
+    for r in rows:
+        groups[(r["device"], r["vllm"], r["model"], r["tool"], r["workload"])][r["variant"]] = r
+    out = []
+    for (device, vllm, model, tool, workload), by_variant in groups.items():
+        metric = METRIC[tool]
+        row = {"device": device, "vllm": vllm, "model": model, "tool": tool, "workload": workload,
+               "date": next(iter(by_variant.values()))["date"], "metric": metric}
+        for v in VARIANTS:
+            if v in by_variant:
+                row[f"{v}_{metric}"] = by_variant[v][metric]
+                for k in EXTRA:
+                    if k != metric and k in by_variant[v]:
+                        row[f"{v}_{k}"] = by_variant[v][k]
+                row[f"{v}_command"] = by_variant[v]["command"]
+        out.append(row)
+    return out
+
+
+def _ratio(row, a, b):
+    m = row["metric"]
+    if f"{a}_{m}" not in row or f"{b}_{m}" not in row:
+        return None
+    x, y = row[f"{a}_{m}"], row[f"{b}_{m}"]
+    return x / y if m != "latency_s" else y / x  # > 1 means `a` is faster
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| tool | workload | metric | FP16 | stock W8A8 | SmoothQuant | SQ / FP16 | SQ / stock |",
+             "|---|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        m = r["metric"]
+        cell = lambda v: f"{r[f'{v}_{m}']:,.3f}" if m == "latency_s" and f"{v}_{m}" in r else (
+            f"{r[f'{v}_{m}']:,.0f}" if f"{v}_{m}" in r else "not run")
+        ratio = lambda a, b: f"{x:.2f}x" if (x := _ratio(r, a, b)) else "-"
+        lines.append(f"| {r['tool']} | {r['workload']} | {m} | {cell('fp16')} | {cell('stock_w8a8')} | "
+                     f"{cell('smoothquant')} | {ratio('smoothquant', 'fp16')} | {ratio('smoothquant', 'stock_w8a8')} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.5))
+    labels, colors = [], {"fp16": "#999999", "stock_w8a8": "#4c72b0", "smoothquant": "#dd8452"}
+    for i, r in enumerate(rows):
+        base = r.get(f"fp16_{r['metric']}")
+        for j, v in enumerate(VARIANTS):
+            val = r.get(f"{v}_{r['metric']}")
+            if val is None or base is None:
+                continue
+            speed = val / base if r["metric"] != "latency_s" else base / val
+            ax.barh(i + (j - 1) * 0.27, speed, height=0.25, color=colors[v], label=v if i == 0 else None)
+            ax.text(speed, i + (j - 1) * 0.27, f" {speed:.2f}x", va="center", fontsize=7)
+        labels.append(f"{r['tool'].split()[-1]}: {r['workload']}")
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.axvline(1.0, color="black", lw=0.5)
+    ax.set_xlabel("speed relative to FP16 (higher is better)")
+    ax.set_title(f"{rows[0]['model']} on {rows[0]['device']}, vLLM {rows[0]['vllm']}")
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def report(paths: list[Path]) -> Path:
+    rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
+    table = pivot(rows)
+    device = re.sub(r"[^A-Za-z0-9]+", "-", table[0]["device"]).strip("-").lower()
+    stem = HERE / "results" / f"{device}-{table[0]['date']}"
+    stem.with_suffix(".json").write_text(json.dumps(table, indent=2))
+    stem.with_suffix(".md").write_text(markdown(table) + "\n")
+    plot(table, stem.with_suffix(".png"))
+    print(markdown(table))
+    print(f"wrote {stem}.json, .md, .png")
+    return stem
+
+
+if __name__ == "__main__":
+    report([Path(p) for p in sys.argv[1:]])
