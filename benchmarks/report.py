@@ -101,5 +101,39 @@ def report(paths: list[Path]) -> Path:
     return stem
 
 
+def plot_profile(path: Path) -> Path:
+    """Stacked per-layer time (FP16 vs int8) from ``profile_layer.py`` JSON, as a PNG beside it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = json.loads(Path(path).read_text())
+    rows = d["rows"]
+    labels = [f"{r['phase']} {r['tokens']}" for r in rows]
+    parts = [("GEMMs", "fp16_gemms_us", "int8_gemms_us", "#4c72b0"), ("per-token quant", None, "int8_quant_us", "#dd8452"),
+             ("LayerNorm x2", "layernorm_x2_us", "layernorm_x2_us", "#55a868"), ("attention", "attention_us", "attention_us", "#c44e52")]
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for k, (name, fp_key, i8_key, color) in enumerate(parts):
+        for j, key in enumerate((fp_key, i8_key)):
+            x = [i * 3 + j for i in range(len(rows))]
+            total = [r["layer_fp16_us" if j == 0 else "layer_int8_us"] for r in rows]
+            bottom = [sum(r[p[1 + j]] for p in parts[:k] if p[1 + j]) for r in rows]
+            vals = [r[key] if key else 0.0 for r in rows]
+            ax.bar(x, [v / t for v, t in zip(vals, total)], bottom=[b / t for b, t in zip(bottom, total)],
+                   color=color, label=name if j == 1 else None, hatch="//" if j == 0 else None, edgecolor="white")
+    ax.set_xticks([i * 3 + 0.5 for i in range(len(rows))], [f"{lb}\nFP16 | int8" for lb in labels], fontsize=7)
+    ax.set_ylabel("share of one decoder layer's time")
+    ax.set_title(f"OPT-13B decoder layer on {d['device']} (vLLM {d['vllm']} ops; hatched = FP16)")
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    out = Path(path).with_suffix(".png")
+    fig.savefig(out, dpi=120)
+    return out
+
+
 if __name__ == "__main__":
-    report([Path(p) for p in sys.argv[1:]])
+    if sys.argv[1:2] == ["--profile"]:
+        print(plot_profile(Path(sys.argv[2])))
+    else:
+        report([Path(p) for p in sys.argv[1:]])

@@ -67,19 +67,32 @@ def token_windows(path: str | Path, tokenizer, num_samples: int, seq_len: int) -
 
 @torch.no_grad()
 def collect_input_absmax(
-    model: nn.Module, linears: dict[str, nn.Linear], windows: list[list[int]], device: str | torch.device
-) -> dict[str, torch.Tensor]:
+    model: nn.Module,
+    linears: dict[str, nn.Linear],
+    windows: list[list[int]],
+    device: str | torch.device,
+    sample_rows: int = 0,
+) -> dict[str, torch.Tensor] | tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Run the windows through ``model``; return ``{name: max|X| per input channel [in] float32}``.
 
-    Only the decoder runs (``model.base_model``): the LM head's logits are not needed.
+    Only the decoder runs (``model.base_model``): the LM head's logits are not needed. With
+    ``sample_rows > 0`` also return ``{name: [<= sample_rows, in]}`` input rows drawn evenly from
+    every window (for ``--alpha auto``).
     """
     stats: dict[str, torch.Tensor] = {}
+    samples: dict[str, list[torch.Tensor]] = {}
+    per_window = -(-sample_rows // len(windows)) if sample_rows else 0
+    g = torch.Generator().manual_seed(0)
 
     def hook(name):
         def fn(_mod, inputs, _out):
             x = inputs[0].detach()
-            m = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            x = x.reshape(-1, x.shape[-1])
+            m = x.abs().amax(dim=0).float()
             stats[name] = torch.maximum(stats[name], m) if name in stats else m
+            if per_window:
+                idx = torch.randperm(x.shape[0], generator=g)[:per_window].to(x.device)
+                samples.setdefault(name, []).append(x[idx].float().cpu())
 
         return fn
 
@@ -90,4 +103,7 @@ def collect_input_absmax(
     finally:
         for h in handles:
             h.remove()
-    return {k: v.cpu() for k, v in stats.items()}
+    absmax = {k: v.cpu() for k, v in stats.items()}
+    if not sample_rows:
+        return absmax
+    return absmax, {k: torch.cat(v)[:sample_rows] for k, v in samples.items()}

@@ -13,7 +13,9 @@ import json
 import sys
 
 
-def _alpha(v: str) -> float:
+def _alpha(v: str) -> float | str:
+    if v == "auto":
+        return v
     try:
         a = float(v)
     except ValueError:
@@ -43,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", required=True, help=".txt (plain text, cut into windows) or .jsonl (field 'text')")
     q.add_argument("--num-samples", type=_positive, default=128, help="calibration windows (default 128)")
     q.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
-    q.add_argument("--alpha", type=_alpha, default=None, help="migration strength in [0, 1] (default: per family)")
+    q.add_argument("--alpha", type=_alpha, default=None, help="migration strength in [0, 1], or 'auto' (searched per group); default: per family")
     q.add_argument("--no-smooth", action="store_true", help="naive W8A8 baseline: same quantization, no migration")
     q.add_argument(
         "--smooth-groups", default=None,
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--quantization", default=None, help="e.g. smoothquant (auto-detected from config.json)")
     e.add_argument("--windows", type=_positive, default=32, help="number of windows (default 32)")
     e.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
-    e.add_argument("--dtype", default="auto")
+    e.add_argument("--dtype", default=None, help="activation dtype (default: fp32 on CPU, the model's on CUDA)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     c = sub.add_parser("convert", help="rewrite a SmoothQuant checkpoint as compressed-tensors (stock vLLM loads it)")
@@ -106,7 +108,8 @@ def _eval(args) -> int:
 
     tok = AutoTokenizer.from_pretrained(args.model)
     windows = token_windows(args.text, tok, args.windows, args.seq_len)
-    llm = make_llm(args.model, args.quantization, dtype=args.dtype, max_model_len=max(2048, args.seq_len + 1))
+    extra = {"dtype": args.dtype} if args.dtype else {}
+    llm = make_llm(args.model, args.quantization, max_model_len=max(2048, args.seq_len + 1), **extra)
     r = perplexity(llm, windows)
     if args.json:
         print(json.dumps({"model": args.model, "quantization": args.quantization, "text": args.text,

@@ -19,7 +19,7 @@ from .evaluate import make_llm, perplexity
 from .pipeline import QuantizeOptions, quantize
 
 CALIB_SAMPLES, CALIB_LEN = 32, 512
-EVAL_WINDOWS, EVAL_LEN = 32, 512
+EVAL_WINDOWS, EVAL_LEN = 16, 512
 PROMPT = "What is the capital of France? Answer in one sentence."
 
 
@@ -50,7 +50,7 @@ def run_demo() -> int:
     tok = AutoTokenizer.from_pretrained(base)
     windows = token_windows(heldout, tok, EVAL_WINDOWS, EVAL_LEN)
     rows = []
-    runs = [("bf16 (unquantized)", str(base), None)] + [(n, str(p), "smoothquant") for n, (_, p) in variants.items()]
+    runs = [("unquantized", str(base), None)] + [(n, str(p), "smoothquant") for n, (_, p) in variants.items()]
     for name, model, quant in runs:
         print(f"== vLLM: {name} ({model}, quantization={quant})")
         t = time.perf_counter()
@@ -58,15 +58,17 @@ def run_demo() -> int:
         if quant and name.startswith("SmoothQuant"):
             print(f"\nGeneration ({name}, greedy):\n  Q: {PROMPT}\n  A: {_generate(llm, tok)}\n")
         r = perplexity(llm, windows)
-        rows.append({"model": name, "quantization": quant, **asdict(r), "seconds": round(time.perf_counter() - t, 1)})
+        dtype = str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
+        rows.append({"model": name, "quantization": quant, "activation_dtype": dtype, **asdict(r),
+                     "seconds": round(time.perf_counter() - t, 1)})
         del llm
         gc.collect()
 
     print(f"\nPerplexity on held-out text ({heldout.name}, {EVAL_WINDOWS} x {EVAL_LEN} tokens), through vLLM:")
-    print(f"| {'model':<20} | {'perplexity':>10} |")
-    print(f"|{'-' * 22}|{'-' * 12}|")
+    print(f"| {'model':<20} | {'activations':<11} | {'perplexity':>10} |")
+    print(f"|{'-' * 22}|{'-' * 13}|{'-' * 12}|")
     for r in rows:
-        print(f"| {r['model']:<20} | {r['ppl']:>10.3f} |")
+        print(f"| {r['model']:<20} | {r['activation_dtype']:<11} | {r['ppl']:>10.3f} |")
     result = {
         "date": time.strftime("%Y-%m-%d"), "device": platform.processor() or platform.machine(),
         "vllm": vllm.__version__, "torch": torch.__version__, "calibration": f"{calib.name} {CALIB_SAMPLES}x{CALIB_LEN}",

@@ -16,7 +16,10 @@ from .calibration import collect_input_absmax, token_windows
 from .export import check_output_dir, directory_size, write_checkpoint
 from .mappings import DEFAULT_GROUPS, ArchMapping, SmoothGroup, mapping_for
 from .quantization import quantize_weight, static_input_scale
+from .alpha_search import search_alpha
 from .smoothing import apply_smoothing, repeat_for_query_heads, share_across_query_heads, smoothing_scales, weight_absmax
+
+AUTO_ALPHA_ROWS = 512  # input rows per group kept for --alpha auto
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -29,7 +32,7 @@ class OptionsError(ValueError):
 class QuantizeOptions:
     """Validated once, here; the CLI maps its flags 1:1 onto these fields."""
 
-    alpha: float | None = None  # None: the architecture's default
+    alpha: float | str | None = None  # None: the architecture's default; "auto": searched per group
     smooth: bool = True
     groups: tuple[str, ...] | None = None  # None: the norm -> linear groups (qkv, gate_up / fc1)
     weights: str = "channel"  # channel | tensor
@@ -41,7 +44,9 @@ class QuantizeOptions:
     ignore: tuple[str, ...] = ("lm_head",)
 
     def __post_init__(self):
-        if self.alpha is not None and not (0.0 <= self.alpha <= 1.0):
+        if self.alpha is not None and self.alpha != "auto" and not (
+            isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0
+        ):
             raise OptionsError(f"--alpha {self.alpha} is outside [0, 1]; the paper uses 0.5 (OPT) to 0.85 (Llama).")
         if self.weights not in ("channel", "tensor"):
             raise OptionsError(f"--weights {self.weights!r}: use 'channel' or 'tensor'.")
@@ -104,40 +109,56 @@ def select_groups(mapping: ArchMapping, names: tuple[str, ...] | None) -> list[S
     return [known[n] for n in names]
 
 
+def _group_scales(a, w, alpha: float, group: SmoothGroup, heads: int, kv_heads: int):
+    """(s_prev, s_in): s for prev's output channels and for the linears' input channels."""
+    if group.attention_heads:
+        share = lambda t: share_across_query_heads(t, heads, kv_heads)  # noqa: E731
+        s_prev = smoothing_scales(share(a), share(w), alpha)
+        return s_prev, repeat_for_query_heads(s_prev, heads, kv_heads)
+    s = smoothing_scales(a, w, alpha)
+    return s, s
+
+
 @torch.no_grad()
 def smooth_model(
     model: nn.Module,
     mapping: ArchMapping,
     groups: list[SmoothGroup],
     act_absmax: dict[str, torch.Tensor],
-    alpha: float,
+    alpha: float | str,
+    samples: dict[str, torch.Tensor] | None = None,
+    opts: "QuantizeOptions | None" = None,
 ) -> tuple[dict[str, torch.Tensor], list[GroupReport]]:
     """Apply smoothing to ``model`` in place; return the input absmax after smoothing and a report.
 
     After smoothing a group's input is X / s, so its new absmax is ``act_absmax / s`` exactly.
+    ``alpha="auto"`` searches alpha per group on ``samples`` (see ``alpha_search``) for the
+    activation and weight schemes of ``opts``.
     """
     cfg = model.config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     after = dict(act_absmax)
     reports = []
-    for i, layer in enumerate(_get(model, mapping.layers)):
-        for g in groups:
-            key = f"{mapping.layers}.{i}.{g.linears[0]}"
-            linears = [_get(layer, n) for n in g.linears]
-            w = weight_absmax(linears)
-            a = act_absmax[key].to(w.device)
-            if g.attention_heads:
-                s_prev = smoothing_scales(
-                    share_across_query_heads(a, heads, kv_heads), share_across_query_heads(w, heads, kv_heads), alpha
-                )
-                s_in = repeat_for_query_heads(s_prev, heads, kv_heads)
-            else:
-                s_prev = s_in = smoothing_scales(a, w, alpha)
-            apply_smoothing(_get(layer, g.prev), linears, s_prev, s_in)
-            for n in g.linears:
-                after[f"{mapping.layers}.{i}.{n}"] = act_absmax[f"{mapping.layers}.{i}.{n}"] / s_in.cpu()
-            reports.append(GroupReport(i, g.name, alpha, float(a.max()), float(after[key].max())))
+    layers = _get(model, mapping.layers)
+    todo = [(i, layer, g) for i, layer in enumerate(layers) for g in groups]
+    for i, layer, g in tqdm(todo, desc="smoothing", unit="group", disable=alpha != "auto"):
+        key = f"{mapping.layers}.{i}.{g.linears[0]}"
+        linears = [_get(layer, n) for n in g.linears]
+        w = weight_absmax(linears)
+        a = act_absmax[key].to(w.device)
+        group_alpha = alpha
+        if alpha == "auto":
+            x = samples[key].to(w.device)
+            group_alpha, _ = search_alpha(
+                lambda al: _group_scales(a, w, al, g, heads, kv_heads)[1], x, [lin.weight for lin in linears], a,
+                opts.activations, opts.weights,
+            )
+        s_prev, s_in = _group_scales(a, w, group_alpha, g, heads, kv_heads)
+        apply_smoothing(_get(layer, g.prev), linears, s_prev, s_in)
+        for n in g.linears:
+            after[f"{mapping.layers}.{i}.{n}"] = act_absmax[f"{mapping.layers}.{i}.{n}"] / s_in.cpu()
+        reports.append(GroupReport(i, g.name, group_alpha, float(a.max()), float(after[key].max())))
     return after, reports
 
 
@@ -193,14 +214,21 @@ def quantize(
     model, tok, gen = load_model(model_dir, opts.device)
     windows = token_windows(calib, tok, opts.num_samples, opts.seq_len)
     linears = decoder_linears(model, mapping)
-    absmax = collect_input_absmax(model, linears, windows, opts.device)
-    after, reports = smooth_model(model, mapping, groups, absmax, alpha)
+    # Naive W8A8 with dynamic activations uses no statistics: skip the forward passes.
+    needs_stats = bool(groups) or opts.activations == "static"
+    samples = None
+    if alpha == "auto" and groups:
+        absmax, samples = collect_input_absmax(model, linears, windows, opts.device, sample_rows=AUTO_ALPHA_ROWS)
+    else:
+        absmax = collect_input_absmax(model, linears, windows, opts.device) if needs_stats else {}
+    after, reports = smooth_model(model, mapping, groups, absmax, alpha, samples, opts)
     sd = quantize_state_dict(model, linears, after, opts)
 
     fmt = SmoothQuantFormat(
         weights=WeightScheme(strategy=opts.weights),
         activations=opts.activation_scheme(),
         alpha=alpha if groups else None,
+        alphas={f"{r.layer}.{r.group}": r.alpha for r in reports} if alpha == "auto" else {},
         smoothed=bool(groups),
         ignore=opts.ignore,
         calibration=Calibration(source=Path(calib).name, num_samples=len(windows), seq_len=opts.seq_len),

@@ -33,3 +33,14 @@ def quantize_weight(w: torch.Tensor, strategy: str = "channel") -> tuple[torch.T
 def static_input_scale(act_absmax: torch.Tensor) -> torch.Tensor:
     """Static per-tensor activation scale ``[1]`` float32 from ``act_absmax: [in]``: max / 127."""
     return (act_absmax.float().amax() / Q_MAX).clamp(min=_TINY).reshape(1)
+
+
+@torch.no_grad()
+def fake_quant_activations(x: torch.Tensor, scheme: str, absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 quantize-dequantize of ``x: [tokens, in]`` as vLLM's kernel does: "token" (dynamic, one
+    scale per row) or "static" (one scale = ``absmax`` / 127 from calibration)."""
+    if scheme == "token":
+        scale = (x.abs().amax(dim=-1, keepdim=True) / Q_MAX).clamp(min=_TINY)
+    else:
+        scale = (absmax.float() / Q_MAX).clamp(min=_TINY)
+    return torch.round(x / scale).clamp(-Q_MAX - 1, Q_MAX) * scale

@@ -30,7 +30,11 @@ class SmoothQuantConfig(QuantizationConfig):
         return QUANT_METHOD
 
     def get_supported_act_dtypes(self) -> list[torch.dtype]:
-        return [torch.float16, torch.bfloat16]
+        from vllm.platforms import current_platform
+
+        # oneDNN's int8 GEMM also takes fp32 activations: CPUs without native bf16 need them.
+        extra = [torch.float32] if current_platform.is_cpu() else []
+        return [torch.float16, torch.bfloat16, *extra]
 
     @classmethod
     def get_min_capability(cls) -> int:

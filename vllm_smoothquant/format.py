@@ -122,7 +122,8 @@ class SmoothQuantFormat:
 
     weights: WeightScheme = field(default_factory=WeightScheme)
     activations: ActivationScheme = field(default_factory=ActivationScheme)
-    alpha: float | None = 0.5
+    alpha: float | str | None = 0.5  # a number, "auto" (per group, see `alphas`) or None (not smoothed)
+    alphas: dict[str, float] = field(default_factory=dict)  # "<layer>.<group>" -> alpha, for alpha "auto"
     smoothed: bool = True
     ignore: tuple[str, ...] = ("lm_head",)
     calibration: Calibration = field(default_factory=Calibration)
@@ -146,13 +147,17 @@ class SmoothQuantFormat:
         if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
             raise FormatError("quantization_config['ignore'] must be a list of module names.")
         alpha = d.get("alpha")
-        if alpha is not None and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
-            raise FormatError(f"quantization_config['alpha'] = {alpha!r} must be a number in [0, 1] or null.")
+        if alpha is not None and alpha != "auto" and not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+            raise FormatError(f"quantization_config['alpha'] = {alpha!r} must be a number in [0, 1], 'auto' or null.")
+        alphas = d.get("alphas") or {}
+        if not isinstance(alphas, dict) or not all(isinstance(v, (int, float)) for v in alphas.values()):
+            raise FormatError("quantization_config['alphas'] must map '<layer>.<group>' to numbers.")
         cal = d.get("calibration") or {}
         return cls(
             weights=WeightScheme.from_dict(_require(d, "weights", "")),
             activations=ActivationScheme.from_dict(_require(d, "activations", "")),
             alpha=alpha,
+            alphas=dict(alphas),
             smoothed=bool(d.get("smoothed", True)),
             ignore=tuple(ignore),
             calibration=Calibration(

@@ -123,3 +123,44 @@ def test_malformed_checkpoint_fails_at_load_naming_the_tensor(ckpts, tmp_path, h
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr
+
+
+FAMILIES = ["MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+
+
+@pytest.mark.parametrize("arch", FAMILIES, ids=lambda a: a.removesuffix("ForCausalLM"))
+def test_more_families_serve_with_all_smoothing_pairs(arch, tmp_path):
+    """Mistral, Qwen2 (qkv bias) and Qwen3 (q/k norms), smoothed on every pair (incl. v->o, up->down)."""
+    from vllm import LLM
+
+    from vllm_smoothquant.linear_method import quant_methods
+
+    ckpt = _cli_quantize(save_tiny(arch, tmp_path / arch, hidden=128), tmp_path / "sq", calib_text(tmp_path / "c.txt"),
+                         "--smooth-groups", "qkv,gate_up,o,down")
+    llm = LLM(model=str(ckpt), quantization="smoothquant", **ENGINE)
+    methods = llm.apply_model(quant_methods)[0]
+    prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
+    got = _vllm_prompt_logprobs(llm, prompts)
+    del llm
+    gc.collect()
+    assert {m for n, m in methods.items() if ".layers." in n} == {"SmoothQuantLinearMethod"}
+    ref_model = load_fake_quant_model(ckpt)
+    diff = torch.cat([a - prompt_logprobs(ref_model, p) for a, p in zip(got, prompts)]).abs()
+    assert diff.mean() < 0.03 and diff.max() < 0.3, (diff.mean(), diff.max())
+
+
+def test_static_activation_scales_serve(ckpts, tmp_path):
+    """--activations static: calibrated per-tensor input_scale, loaded and used by vLLM's int8 kernel."""
+    from vllm import LLM
+
+    src = ckpts["LlamaForCausalLM"].parent / "LlamaForCausalLM"
+    ckpt = _cli_quantize(src, tmp_path / "static", calib_text(tmp_path / "c.txt"), "--activations", "static")
+    assert "model.layers.0.mlp.down_proj.input_scale" in load_file(ckpt / "model.safetensors")
+    llm = LLM(model=str(ckpt), quantization="smoothquant", **ENGINE)
+    prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
+    got = _vllm_prompt_logprobs(llm, prompts)
+    del llm
+    gc.collect()
+    ref_model = load_fake_quant_model(ckpt)
+    diff = torch.cat([a - prompt_logprobs(ref_model, p) for a, p in zip(got, prompts)]).abs()
+    assert diff.mean() < 0.03 and diff.max() < 0.3, (diff.mean(), diff.max())

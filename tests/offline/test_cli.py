@@ -93,3 +93,14 @@ def test_convert_rejects_non_smoothquant(tiny, tmp_path, capsys):
     model, _ = tiny
     assert main(["convert", str(model), str(tmp_path / "ct")]) == 2
     assert "not a SmoothQuant checkpoint" in capsys.readouterr().err
+
+
+def test_alpha_auto_stores_the_alpha_of_every_group(tiny, tmp_path, capsys):
+    model, calib = tiny
+    assert _quantize(model, tmp_path / "auto", calib, "--alpha", "auto", "--smooth-groups", "qkv,gate_up,o,down") == 0
+    fmt = SmoothQuantFormat.from_dict(json.loads((tmp_path / "auto" / "config.json").read_text())["quantization_config"])
+    assert fmt.alpha == "auto"
+    assert sorted(fmt.alphas) == sorted(f"{i}.{g}" for i in range(2) for g in ("qkv", "gate_up", "o", "down"))
+    assert all(0.0 <= a <= 1.0 for a in fmt.alphas.values())
+    out = capsys.readouterr().out
+    assert "gate_up" in out and "alpha" in out
