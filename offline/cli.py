@@ -1,4 +1,4 @@
-"""``vllm-smoothquant``: quantize | eval | convert | demo.
+"""``vllm-smoothquant``: quantize | eval | convert | inspect | demo.
 
     vllm-smoothquant quantize MODEL_DIR OUTPUT_DIR --calib FILE [--num-samples N] [--seq-len L]
         [--alpha A] [--no-smooth] [--device cpu|cuda] [--dtype bfloat16|float16] ...
@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--to", choices=["compressed-tensors"], default="compressed-tensors")
     c.add_argument("--overwrite", action="store_true")
 
+    i = sub.add_parser("inspect", help="print a checkpoint's format, per-layer alpha and scales; plot smoothing")
+    i.add_argument("ckpt")
+    i.add_argument("--plot-layers", default="0", help="comma list of layer indices to plot (default 0)")
+    i.add_argument("--plot-dir", default=None, help="where to write PNGs (default CKPT/smoothquant/plots)")
+
     sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M: quantize, serve, compare perplexity")
     return p
 
@@ -133,6 +138,17 @@ def main(argv: list[str] | None = None) -> int:
             return _quantize(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "inspect":
+            from pathlib import Path
+
+            from .inspect_ckpt import describe, plot_layers
+
+            print(describe(Path(args.ckpt)))
+            if json.loads((Path(args.ckpt) / "config.json").read_text())["quantization_config"].get("smoothed"):
+                plot_dir = Path(args.plot_dir) if args.plot_dir else Path(args.ckpt) / "smoothquant" / "plots"
+                for path in plot_layers(Path(args.ckpt), [int(x) for x in args.plot_layers.split(",")], plot_dir):
+                    print(f"wrote {path}")
+            return 0
         if args.command == "convert":
             from .convert import to_compressed_tensors
 

@@ -104,3 +104,13 @@ def test_alpha_auto_stores_the_alpha_of_every_group(tiny, tmp_path, capsys):
     assert all(0.0 <= a <= 1.0 for a in fmt.alphas.values())
     out = capsys.readouterr().out
     assert "gate_up" in out and "alpha" in out
+
+
+def test_inspect_prints_groups_and_writes_plots(tiny, tmp_path, capsys):
+    model, calib = tiny
+    assert _quantize(model, tmp_path / "ck", calib) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "ck"), "--plot-layers", "0,1", "--plot-dir", str(tmp_path / "p")]) == 0
+    out = capsys.readouterr().out
+    assert "SmoothQuant format v1" in out and "gate_up" in out and "14 quantized linears" in out
+    assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["layer0-act-absmax.png", "layer1-act-absmax.png"]
