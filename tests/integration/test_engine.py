@@ -22,7 +22,8 @@ ENGINE = dict(max_model_len=256, enforce_eager=True, gpu_memory_utilization=0.1,
 
 
 def _cli_quantize(model: Path, out: Path, calib: Path, *extra: str) -> Path:
-    cmd = ["vllm-smoothquant", "quantize", str(model), str(out), "--calib", str(calib), "--num-samples", "8",
+    cli = Path(sys.executable).with_name("vllm-smoothquant")  # the console script of this environment
+    cmd = [str(cli), "quantize", str(model), str(out), "--calib", str(calib), "--num-samples", "8",
            "--seq-len", "64", *extra]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     return out
