@@ -106,6 +106,10 @@ def _quantize(args) -> int:
 
 
 def _eval(args) -> int:
+    import os
+
+    if args.json:  # stdout carries only the JSON object; vLLM's logs go to stderr
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from transformers import AutoTokenizer
 
     from .calibration import token_windows
@@ -116,8 +120,9 @@ def _eval(args) -> int:
     extra = {"dtype": args.dtype} if args.dtype else {}
     llm = make_llm(args.model, args.quantization, max_model_len=max(2048, args.seq_len + 1), **extra)
     r = perplexity(llm, windows)
+    quantization = llm.llm_engine.vllm_config.model_config.quantization  # also when auto-detected
     if args.json:
-        print(json.dumps({"model": args.model, "quantization": args.quantization, "text": args.text,
+        print(json.dumps({"model": args.model, "quantization": quantization, "text": args.text,
                           "windows": len(windows), "seq_len": args.seq_len, **vars(r)}))
     else:
         print(f"perplexity {r.ppl:.3f} over {r.tokens} tokens ({len(windows)} windows x {args.seq_len})")
