@@ -19,6 +19,10 @@ pytestmark = pytest.mark.engine
 ARCHS = ["OPTForCausalLM", "LlamaForCausalLM"]
 ENGINE = dict(max_model_len=256, enforce_eager=True, gpu_memory_utilization=0.1, enable_prefix_caching=False,
               seed=0)
+# Comparisons with the fp32 fake-quant reference run the engine in fp32 too (the CPU int8 kernel takes fp32
+# activations): then they agree to ~1e-3, while bf16 activations flip int8 roundings (mean |d| ~0.01-0.06).
+EXACT = dict(ENGINE, dtype="float32")
+TOL_MEAN, TOL_MAX = 0.005, 0.1
 
 
 def _cli_quantize(model: Path, out: Path, calib: Path, *extra: str) -> Path:
@@ -40,7 +44,7 @@ def ckpts(tmp_path_factory):
 def engine(request, ckpts):
     from vllm import LLM
 
-    llm = LLM(model=str(ckpts[request.param]), quantization="smoothquant", **ENGINE)
+    llm = LLM(model=str(ckpts[request.param]), quantization="smoothquant", **EXACT)
     yield request.param, ckpts[request.param], llm
     del llm
     gc.collect()
@@ -73,8 +77,7 @@ def test_prompt_logprobs_match_fake_quant_reference(engine):
     ref_model = load_fake_quant_model(ckpt)
     ref = [prompt_logprobs(ref_model, p) for p in prompts]
     diff = torch.cat([a - b for a, b in zip(got, ref)]).abs()
-    # vLLM computes in bf16, the reference in fp32 on the same int8 tensors
-    assert diff.mean() < 0.03 and diff.max() < 0.3, (diff.mean(), diff.max())
+    assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
 
 
 def test_checkpoint_loads_without_quantization_flag(ckpts):
@@ -138,7 +141,7 @@ def test_more_families_serve_with_all_smoothing_pairs(arch, tmp_path):
 
     ckpt = _cli_quantize(save_tiny(arch, tmp_path / arch, hidden=128), tmp_path / "sq", calib_text(tmp_path / "c.txt"),
                          "--smooth-groups", "qkv,gate_up,o,down")
-    llm = LLM(model=str(ckpt), quantization="smoothquant", **ENGINE)
+    llm = LLM(model=str(ckpt), quantization="smoothquant", **EXACT)
     methods = llm.apply_model(quant_methods)[0]
     prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
     got = _vllm_prompt_logprobs(llm, prompts)
@@ -147,7 +150,7 @@ def test_more_families_serve_with_all_smoothing_pairs(arch, tmp_path):
     assert {m for n, m in methods.items() if ".layers." in n} == {"SmoothQuantLinearMethod"}
     ref_model = load_fake_quant_model(ckpt)
     diff = torch.cat([a - prompt_logprobs(ref_model, p) for a, p in zip(got, prompts)]).abs()
-    assert diff.mean() < 0.03 and diff.max() < 0.3, (diff.mean(), diff.max())
+    assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
 
 
 def test_static_activation_scales_serve(ckpts, tmp_path):
@@ -157,11 +160,11 @@ def test_static_activation_scales_serve(ckpts, tmp_path):
     src = ckpts["LlamaForCausalLM"].parent / "LlamaForCausalLM"
     ckpt = _cli_quantize(src, tmp_path / "static", calib_text(tmp_path / "c.txt"), "--activations", "static")
     assert "model.layers.0.mlp.down_proj.input_scale" in load_file(ckpt / "model.safetensors")
-    llm = LLM(model=str(ckpt), quantization="smoothquant", **ENGINE)
+    llm = LLM(model=str(ckpt), quantization="smoothquant", **EXACT)
     prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
     got = _vllm_prompt_logprobs(llm, prompts)
     del llm
     gc.collect()
     ref_model = load_fake_quant_model(ckpt)
     diff = torch.cat([a - prompt_logprobs(ref_model, p) for a, p in zip(got, prompts)]).abs()
-    assert diff.mean() < 0.03 and diff.max() < 0.3, (diff.mean(), diff.max())
+    assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
