@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .calibration import CalibrationDataError
     from .export import OutputExistsError
+    from .inspect_ckpt import MissingStatsError
     from .mappings import UnsupportedArchitectureError
     from .pipeline import OptionsError
 
@@ -162,7 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import run_demo
 
         return run_demo()
-    except (FormatError, CalibrationDataError, OutputExistsError, UnsupportedArchitectureError, OptionsError) as e:
+    except (FormatError, CalibrationDataError, OutputExistsError, UnsupportedArchitectureError, OptionsError,
+            MissingStatsError) as e:
         print(f"vllm-smoothquant {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -17,6 +17,10 @@ from vllm_smoothquant.format import FormatError, SmoothQuantFormat
 from .export import STATS_DIR
 
 
+class MissingStatsError(ValueError):
+    """The checkpoint has no smoothing statistics for what was asked to plot."""
+
+
 def describe(ckpt: Path) -> str:
     ckpt = Path(ckpt)
     cfg = json.loads((ckpt / "config.json").read_text())
@@ -57,7 +61,8 @@ def plot_layers(ckpt: Path, layers: list[int], out_dir: Path) -> list[Path]:
 
     stats_file = Path(ckpt) / STATS_DIR / "stats.safetensors"
     if not stats_file.is_file():
-        raise FileNotFoundError(f"{stats_file} is missing: the checkpoint was written without statistics.")
+        raise MissingStatsError(f"{stats_file} is missing: the checkpoint was written without statistics; "
+                                "re-create it with `vllm-smoothquant quantize` to plot smoothing.")
     with safe_open(stats_file, "pt") as st:
         stats = {k: st.get_tensor(k) for k in st.keys()}
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -70,7 +75,7 @@ def plot_layers(ckpt: Path, layers: list[int], out_dir: Path) -> list[Path]:
             if not b.equal(stats[f"{n}.after"]) and not any(b.equal(stats[f"{m}.before"]) for m in smoothed):
                 smoothed.append(n)
         if not smoothed:
-            raise ValueError(f"layer {layer}: no smoothed linear in {stats_file}.")
+            raise MissingStatsError(f"layer {layer}: no smoothed linear in {stats_file}; pick another --plot-layers.")
         fig, axes = plt.subplots(len(smoothed), 1, figsize=(9, 2.4 * len(smoothed)), squeeze=False)
         for ax, n in zip(axes[:, 0], smoothed):
             ax.plot(stats[f"{n}.before"].numpy(), lw=0.7, label="before smoothing", color="#c44e52")

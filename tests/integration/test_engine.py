@@ -59,6 +59,12 @@ def _vllm_prompt_logprobs(llm, prompts):
     return [torch.tensor([o.prompt_logprobs[t][p[t]].logprob for t in range(1, len(p))]) for o, p in zip(outs, prompts)]
 
 
+def _reference_diff(ckpt: Path, got: list[torch.Tensor], prompts: list[list[int]]) -> torch.Tensor:
+    """|vLLM prompt logprob - fp32 fake-quant reference logprob| over all predicted tokens."""
+    ref_model = load_fake_quant_model(ckpt)
+    return torch.cat([a - prompt_logprobs(ref_model, p) for a, p in zip(got, prompts)]).abs()
+
+
 def test_every_decoder_linear_uses_smoothquant(engine):
     from vllm_smoothquant.linear_method import quant_methods
 
@@ -73,10 +79,7 @@ def test_prompt_logprobs_match_fake_quant_reference(engine):
     arch, ckpt, llm = engine
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, 512, (4, 48), generator=g).tolist()
-    got = _vllm_prompt_logprobs(llm, prompts)
-    ref_model = load_fake_quant_model(ckpt)
-    ref = [prompt_logprobs(ref_model, p) for p in prompts]
-    diff = torch.cat([a - b for a, b in zip(got, ref)]).abs()
+    diff = _reference_diff(ckpt, _vllm_prompt_logprobs(llm, prompts), prompts)
     assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
 
 
@@ -148,8 +151,7 @@ def test_more_families_serve_with_all_smoothing_pairs(arch, tmp_path):
     del llm
     gc.collect()
     assert {m for n, m in methods.items() if ".layers." in n} == {"SmoothQuantLinearMethod"}
-    ref_model = load_fake_quant_model(ckpt)
-    diff = torch.cat([a - prompt_logprobs(ref_model, p) for a, p in zip(got, prompts)]).abs()
+    diff = _reference_diff(ckpt, got, prompts)
     assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
 
 
@@ -165,6 +167,5 @@ def test_static_activation_scales_serve(ckpts, tmp_path):
     got = _vllm_prompt_logprobs(llm, prompts)
     del llm
     gc.collect()
-    ref_model = load_fake_quant_model(ckpt)
-    diff = torch.cat([a - prompt_logprobs(ref_model, p) for a, p in zip(got, prompts)]).abs()
+    diff = _reference_diff(ckpt, got, prompts)
     assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
