@@ -186,23 +186,22 @@ def quantize_state_dict(
 
 
 def load_model(model_dir: str, device: str):
-    """fp32 on CPU (fast, exact statistics); bf16 on CUDA (memory). Returns (model, tokenizer, gen_config)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    """fp32 on CPU (fast, exact statistics); bf16 on CUDA (memory). Returns (model, gen_config)."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
     dtype = torch.float32 if device == "cpu" else torch.bfloat16
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
     try:
         gen = GenerationConfig.from_pretrained(model_dir)
     except OSError:
         gen = None
-    return model, tok, gen
+    return model, gen
 
 
 def quantize(
     model_dir: str, output_dir: str | Path, calib: str | Path, opts: QuantizeOptions, overwrite: bool = False
 ) -> QuantizeReport:
-    from transformers import AutoConfig
+    from transformers import AutoConfig, AutoTokenizer
 
     start = time.perf_counter()
     out = Path(output_dir)
@@ -211,8 +210,9 @@ def quantize(
     groups = select_groups(mapping, opts.groups) if opts.smooth else []
     alpha = mapping.default_alpha if opts.alpha is None else opts.alpha
 
-    model, tok, gen = load_model(model_dir, opts.device)
-    windows = token_windows(calib, tok, opts.num_samples, opts.seq_len)
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    windows = token_windows(calib, tok, opts.num_samples, opts.seq_len)  # bad data fails before the weights load
+    model, gen = load_model(model_dir, opts.device)
     linears = decoder_linears(model, mapping)
     # Naive W8A8 with dynamic activations uses no statistics: skip the forward passes.
     needs_stats = bool(groups) or opts.activations == "static"
