@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-smooth", action="store_true", help="naive W8A8 baseline: same quantization, no migration")
     q.add_argument(
         "--smooth-groups", default=None,
-        help="comma list of smoothing groups (default qkv,gate_up / qkv,fc1; also o, down / fc2)",
+        help="comma list of smoothing groups (default: all of the family: qkv,gate_up,o,down for Llama; qkv,fc1,o,fc2 for OPT)",
     )
     q.add_argument("--weights", choices=["channel", "tensor"], default="channel", help="weight scale granularity")
     q.add_argument("--activations", choices=["token", "static"], default="token",
@@ -65,6 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--windows", type=_positive, default=32, help="number of windows (default 32)")
     e.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
     e.add_argument("--dtype", default=None, help="activation dtype (default: fp32 on CPU, the model's on CUDA)")
+    e.add_argument("--enforce-eager", action="store_true", help="skip torch.compile/CUDA graphs (faster start; always on CPU)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
 
     c = sub.add_parser("convert", help="rewrite a SmoothQuant checkpoint as compressed-tensors (stock vLLM loads it)")
@@ -101,7 +102,10 @@ def _quantize(args) -> int:
         print(f"{'layer':>5} {'group':>8} {'alpha':>5} {'max|X| before':>14} {'after':>10}")
         for g in r.groups:
             print(f"{g.layer:>5} {g.group:>8} {g.alpha:>5.2f} {g.act_max_before:>14.2f} {g.act_max_after:>10.2f}")
-    print(f"wrote {r.output} ({r.output_bytes / 2**20:.1f} MiB) in {r.seconds:.1f} s")
+    peak = f"peak memory {r.peak_rss_bytes / 2**30:.2f} GiB RSS"
+    if r.peak_cuda_bytes is not None:
+        peak += f", {r.peak_cuda_bytes / 2**30:.2f} GiB CUDA"
+    print(f"wrote {r.output} ({r.output_bytes / 2**20:.1f} MiB) in {r.seconds:.1f} s; {peak}")
     return 0
 
 
@@ -117,7 +121,7 @@ def _eval(args) -> int:
 
     tok = AutoTokenizer.from_pretrained(args.model)
     windows = token_windows(args.text, tok, args.windows, args.seq_len)
-    extra = {"dtype": args.dtype} if args.dtype else {}
+    extra = ({"dtype": args.dtype} if args.dtype else {}) | ({"enforce_eager": True} if args.enforce_eager else {})
     llm = make_llm(args.model, args.quantization, max_model_len=max(2048, args.seq_len + 1), **extra)
     r = perplexity(llm, windows)
     quantization = llm.llm_engine.vllm_config.model_config.quantization  # also when auto-detected

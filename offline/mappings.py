@@ -59,9 +59,6 @@ MAPPINGS: dict[str, ArchMapping] = {
     "Qwen3ForCausalLM": _LLAMA,  # q_norm/k_norm act after q/k_proj, per head: unaffected
 }
 
-# Groups smoothed by default: the norm -> linear pairs of the paper.
-DEFAULT_GROUPS = ("qkv", "gate_up", "fc1")
-
 
 class UnsupportedArchitectureError(ValueError):
     pass

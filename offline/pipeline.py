@@ -1,7 +1,8 @@
-"""The quantize pipeline: config check -> calibration data -> model -> absmax -> smooth -> int8 -> export."""
+"""The quantize pipeline: config check -> calibration data -> model -> per layer: absmax, smooth, int8 -> export."""
 
 from __future__ import annotations
 
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,11 +13,12 @@ from tqdm.auto import tqdm
 
 from vllm_smoothquant.format import ActivationScheme, Calibration, SmoothQuantFormat, WeightScheme
 
-from .calibration import collect_input_absmax, token_windows
-from .export import check_output_dir, directory_size, write_checkpoint
-from .mappings import DEFAULT_GROUPS, ArchMapping, SmoothGroup, mapping_for
-from .quantization import quantize_weight, static_input_scale
 from .alpha_search import search_alpha
+from .calibration import token_windows
+from .export import check_output_dir, directory_size, write_checkpoint
+from .mappings import ArchMapping, SmoothGroup, mapping_for
+from .quantization import quantize_weight, static_input_scale
+from .streaming import capture_layer_inputs, quantized_activations, record_inputs, run_layer, to_compute
 from .smoothing import apply_smoothing, repeat_for_query_heads, share_across_query_heads, smoothing_scales, weight_absmax
 
 AUTO_ALPHA_ROWS = 512  # input rows per group kept for --alpha auto
@@ -34,7 +36,7 @@ class QuantizeOptions:
 
     alpha: float | str | None = None  # None: the architecture's default; "auto": searched per group
     smooth: bool = True
-    groups: tuple[str, ...] | None = None  # None: the norm -> linear groups (qkv, gate_up / fc1)
+    groups: tuple[str, ...] | None = None  # None: every group of the architecture (mappings.py)
     weights: str = "channel"  # channel | tensor
     activations: str = "token"  # token (dynamic per token) | static (calibrated per tensor)
     num_samples: int = 128
@@ -82,27 +84,20 @@ class QuantizeReport:
     seconds: float
     output_bytes: int
     groups: list[GroupReport] = field(default_factory=list)
+    peak_rss_bytes: int = 0  # this process's peak resident memory
+    peak_cuda_bytes: int | None = None  # peak CUDA allocation (--device cuda)
 
 
-def _get(root: nn.Module, path: str) -> nn.Module:
-    return root.get_submodule(path)
-
-
-def decoder_linears(model: nn.Module, mapping: ArchMapping) -> dict[str, nn.Linear]:
-    """Every ``nn.Linear`` inside the decoder layers, by full module name."""
-    layers = _get(model, mapping.layers)
-    return {
-        f"{mapping.layers}.{i}.{n}": m
-        for i, layer in enumerate(layers)
-        for n, m in layer.named_modules()
-        if isinstance(m, nn.Linear)
-    }
+def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of one decoder layer, by name inside the layer (e.g. ``self_attn.q_proj``)."""
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
 
 
 def select_groups(mapping: ArchMapping, names: tuple[str, ...] | None) -> list[SmoothGroup]:
+    """``None``: every group of the architecture (norm -> linear pairs and the v->o, up->down / fc1->fc2 pairs)."""
     known = {g.name: g for g in mapping.groups}
     if names is None:
-        return [g for g in mapping.groups if g.name in DEFAULT_GROUPS]
+        return list(mapping.groups)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise OptionsError(f"unknown smoothing group(s) {unknown}; this architecture has {list(known)}.")
@@ -119,78 +114,53 @@ def _group_scales(a, w, alpha: float, group: SmoothGroup, heads: int, kv_heads: 
     return s, s
 
 
+def attention_heads(config) -> tuple[int, int]:
+    heads = config.num_attention_heads
+    return heads, getattr(config, "num_key_value_heads", None) or heads
+
+
 @torch.no_grad()
-def smooth_model(
-    model: nn.Module,
-    mapping: ArchMapping,
+def smooth_layer(
+    layer: nn.Module,
+    index: int,
     groups: list[SmoothGroup],
     act_absmax: dict[str, torch.Tensor],
     alpha: float | str,
+    heads: tuple[int, int],
     samples: dict[str, torch.Tensor] | None = None,
     opts: "QuantizeOptions | None" = None,
 ) -> tuple[dict[str, torch.Tensor], list[GroupReport]]:
-    """Apply smoothing to ``model`` in place; return the input absmax after smoothing and a report.
+    """Apply smoothing to one decoder layer in place; return its linears' input absmax after smoothing.
 
-    After smoothing a group's input is X / s, so its new absmax is ``act_absmax / s`` exactly.
-    ``alpha="auto"`` searches alpha per group on ``samples`` (see ``alpha_search``) for the
-    activation and weight schemes of ``opts``.
+    ``act_absmax`` and ``samples`` are keyed by the linear's name inside the layer. After smoothing a
+    group's input is X / s, so its new absmax is ``act_absmax / s`` exactly. ``alpha="auto"``
+    searches alpha per group on ``samples`` (see ``alpha_search``) for the schemes of ``opts``.
     """
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     after = dict(act_absmax)
     reports = []
-    layers = _get(model, mapping.layers)
-    todo = [(i, layer, g) for i, layer in enumerate(layers) for g in groups]
-    for i, layer, g in tqdm(todo, desc="smoothing", unit="group", disable=alpha != "auto"):
-        key = f"{mapping.layers}.{i}.{g.linears[0]}"
-        linears = [_get(layer, n) for n in g.linears]
+    for g in groups:
+        linears = [layer.get_submodule(n) for n in g.linears]
         w = weight_absmax(linears)
-        a = act_absmax[key].to(w.device)
+        a = act_absmax[g.linears[0]].to(w.device)
         group_alpha = alpha
         if alpha == "auto":
-            x = samples[key].to(w.device)
             group_alpha, _ = search_alpha(
-                lambda al: _group_scales(a, w, al, g, heads, kv_heads)[1], x, [lin.weight for lin in linears], a,
-                opts.activations, opts.weights,
+                lambda al: _group_scales(a, w, al, g, *heads)[1], samples[g.linears[0]].to(w.device),
+                [lin.weight for lin in linears], a, opts.activations, opts.weights,
             )
-        s_prev, s_in = _group_scales(a, w, group_alpha, g, heads, kv_heads)
-        apply_smoothing(_get(layer, g.prev), linears, s_prev, s_in)
+        s_prev, s_in = _group_scales(a, w, group_alpha, g, *heads)
+        apply_smoothing(layer.get_submodule(g.prev), linears, s_prev, s_in)
         for n in g.linears:
-            after[f"{mapping.layers}.{i}.{n}"] = act_absmax[f"{mapping.layers}.{i}.{n}"] / s_in.cpu()
-        reports.append(GroupReport(i, g.name, group_alpha, float(a.max()), float(after[key].max())))
+            after[n] = act_absmax[n] / s_in.to(act_absmax[n].device)
+        reports.append(GroupReport(index, g.name, group_alpha, float(a.max()), float(after[g.linears[0]].max())))
     return after, reports
 
 
-def quantize_state_dict(
-    model: nn.Module,
-    linears: dict[str, nn.Linear],
-    act_absmax: dict[str, torch.Tensor],
-    opts: QuantizeOptions,
-) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors: int8 weights + fp32 scales for ``linears``, the rest in ``opts.dtype``."""
-    dtype = DTYPES[opts.dtype]
-    quantized = {f"{n}.weight" for n in linears}
-    sd: dict[str, torch.Tensor] = {}
-    for name, t in model.state_dict().items():
-        if name not in quantized:
-            sd[name] = (t.to(dtype) if t.is_floating_point() else t).cpu()
-    for name, lin in tqdm(linears.items(), desc="quantizing", unit="linear"):
-        q, scale = quantize_weight(lin.weight, opts.weights)
-        sd[f"{name}.weight"], sd[f"{name}.weight_scale"] = q.cpu(), scale.cpu()
-        if opts.activations == "static":
-            sd[f"{name}.input_scale"] = static_input_scale(act_absmax[name])
-    if getattr(model.config, "tie_word_embeddings", False):
-        sd.pop("lm_head.weight", None)  # tied to the embedding; loaders re-tie it
-    return sd
-
-
-def load_model(model_dir: str, device: str):
-    """fp32 on CPU (fast, exact statistics); bf16 on CUDA (memory). Returns (model, gen_config)."""
+def load_model(model_dir: str):
+    """The model in its storage dtype on CPU (layers move to the compute device one at a time)."""
     from transformers import AutoModelForCausalLM, GenerationConfig
 
-    dtype = torch.float32 if device == "cpu" else torch.bfloat16
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
     try:
         gen = GenerationConfig.from_pretrained(model_dir)
     except OSError:
@@ -198,9 +168,24 @@ def load_model(model_dir: str, device: str):
     return model, gen
 
 
+def _peak_memory(device: str) -> dict[str, int]:
+    """Peak resident memory of this process, and peak CUDA allocation when on a GPU (bytes)."""
+    peak = {"peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.startswith("cuda"):
+        peak["peak_cuda_bytes"] = torch.cuda.max_memory_allocated()
+    return peak
+
+
 def quantize(
     model_dir: str, output_dir: str | Path, calib: str | Path, opts: QuantizeOptions, overwrite: bool = False
 ) -> QuantizeReport:
+    """Calibrate, smooth and quantize decoder layer by decoder layer, then write the checkpoint.
+
+    Layer i is moved to the compute device/dtype (fp32 on CPU, bf16 on CUDA), its linears' input
+    absmax recorded on the outputs of the already smoothed *and quantized* layers 0..i-1, smoothed,
+    quantized, run once more with int8-simulated weights and activations to make layer i+1's
+    inputs, then freed: peak memory is the model in its storage dtype plus one layer.
+    """
     from transformers import AutoConfig, AutoTokenizer
 
     start = time.perf_counter()
@@ -212,17 +197,47 @@ def quantize(
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     windows = token_windows(calib, tok, opts.num_samples, opts.seq_len)  # bad data fails before the weights load
-    model, gen = load_model(model_dir, opts.device)
-    linears = decoder_linears(model, mapping)
+    model, gen = load_model(model_dir)
+    heads = attention_heads(model.config)
+    dtype, compute = DTYPES[opts.dtype], torch.float32 if opts.device == "cpu" else torch.bfloat16
+    layers = model.get_submodule(mapping.layers)
     # Naive W8A8 with dynamic activations uses no statistics: skip the forward passes.
     needs_stats = bool(groups) or opts.activations == "static"
-    samples = None
-    if alpha == "auto" and groups:
-        absmax, samples = collect_input_absmax(model, linears, windows, opts.device, sample_rows=AUTO_ALPHA_ROWS)
-    else:
-        absmax = collect_input_absmax(model, linears, windows, opts.device) if needs_stats else {}
-    after, reports = smooth_model(model, mapping, groups, absmax, alpha, samples, opts)
-    sd = quantize_state_dict(model, linears, after, opts)
+    inputs = capture_layer_inputs(model, layers, windows, opts.device, compute) if needs_stats else None
+    rows = AUTO_ALPHA_ROWS if alpha == "auto" and groups else 0
+
+    prefix = f"{mapping.layers}."
+    sd = {k: _storage(v, dtype) for k, v in model.state_dict().items() if not k.startswith(prefix)}
+    if getattr(model.config, "tie_word_embeddings", False):
+        sd.pop("lm_head.weight", None)  # tied to the embedding; loaders re-tie it
+    stats: dict[str, torch.Tensor] = {}
+    reports: list[GroupReport] = []
+    for i, layer in enumerate(tqdm(layers, desc="layers", unit="layer")):
+        to_compute(layer, opts.device, compute)
+        linears = layer_linears(layer)
+        absmax: dict[str, torch.Tensor] = {}
+        samples = None
+        if needs_stats:
+            with record_inputs(linears, rows, len(windows)) as (absmax, samples):
+                run_layer(layer, inputs.hidden, inputs.kwargs[i])
+        after, layer_reports = smooth_layer(layer, i, groups, absmax, alpha, heads, samples, opts)
+        reports += layer_reports
+        for name, lin in linears.items():
+            q, scale = quantize_weight(lin.weight, opts.weights)
+            key = f"{prefix}{i}.{name}"
+            sd[f"{key}.weight"], sd[f"{key}.weight_scale"] = q.cpu(), scale.cpu()
+            if opts.activations == "static":
+                sd[f"{key}.input_scale"] = static_input_scale(after[name]).cpu()
+            if needs_stats:
+                stats[f"{key}.before"], stats[f"{key}.after"] = absmax[name].cpu(), after[name].cpu()
+            lin.weight.data = q.to(lin.weight.dtype) * scale.to(lin.weight.dtype)  # what the int8 GEMM computes with
+        quantized = {f"{name}.weight" for name in linears}
+        sd.update({f"{prefix}{i}.{k}": _storage(v, dtype) for k, v in layer.state_dict().items() if k not in quantized})
+        if needs_stats and i + 1 < len(layers):
+            schemes = {name: opts.activations for name in linears}
+            with quantized_activations(linears, schemes, after):
+                inputs.hidden = run_layer(layer, inputs.hidden, inputs.kwargs[i])
+        layer.to_empty(device="meta")  # free this layer's weights
 
     fmt = SmoothQuantFormat(
         weights=WeightScheme(strategy=opts.weights),
@@ -233,11 +248,17 @@ def quantize(
         ignore=opts.ignore,
         calibration=Calibration(source=Path(calib).name, num_samples=len(windows), seq_len=opts.seq_len),
     )
-    model.config.dtype = DTYPES[opts.dtype]
-    stats = {f"{k}.before": v for k, v in absmax.items()} | {f"{k}.after": v for k, v in after.items()}
-    report = {"groups": [vars(r) for r in reports], "smooth_groups": [g.name for g in groups]}
+    model.config.dtype = dtype
+    calib_seconds = time.perf_counter() - start
+    peak = _peak_memory(opts.device)
+    report = {"groups": [vars(r) for r in reports], "smooth_groups": [g.name for g in groups],
+              "calibrate_smooth_quantize_seconds": round(calib_seconds, 1), **peak}
     path = write_checkpoint(
         out, state_dict=sd, config=model.config, fmt=fmt, tokenizer=tok, generation_config=gen,
         stats=stats, report=report, overwrite=overwrite,
     )
-    return QuantizeReport(str(path), time.perf_counter() - start, directory_size(path), reports)
+    return QuantizeReport(str(path), time.perf_counter() - start, directory_size(path), reports, **peak)
+
+
+def _storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return (t.to(dtype) if t.is_floating_point() else t).cpu()

@@ -74,3 +74,24 @@ def load_fake_quant_model(ckpt: Path, dtype=torch.float32):
 def prompt_logprobs(model, ids: list[int]) -> torch.Tensor:
     logits = model(torch.tensor([ids])).logits[0, :-1].float()
     return torch.log_softmax(logits, dim=-1).gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1)
+
+
+@torch.no_grad()
+def input_absmax(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``{full linear name: max|X| per input channel}`` over a whole-model fp forward of ``ids``."""
+    out: dict[str, torch.Tensor] = {}
+
+    def hook(name):
+        def fn(_m, inputs):
+            m = inputs[0].reshape(-1, inputs[0].shape[-1]).abs().amax(0).float()
+            out[name] = torch.maximum(out[name], m) if name in out else m
+        return fn
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and ".layers." in n]
+    try:
+        model(ids)
+    finally:
+        for h in handles:
+            h.remove()
+    return out

@@ -114,3 +114,26 @@ def test_inspect_prints_groups_and_writes_plots(tiny, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "SmoothQuant format v1" in out and "gate_up" in out and "14 quantized linears" in out
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["layer0-act-absmax.png", "layer1-act-absmax.png"]
+
+
+def test_statistics_are_streamed_through_the_quantized_layers(tiny, tmp_path, capsys):
+    """Layer 0 sees the fp model's inputs; layer 1 sees the outputs of the smoothed, int8-simulated layer 0."""
+    from reference import input_absmax
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_smoothquant.offline.calibration import token_windows
+
+    model, calib = tiny
+    assert _quantize(model, tmp_path / "sq", calib, "--activations", "static") == 0
+    assert "peak memory" in capsys.readouterr().out
+    stats = load_file(tmp_path / "sq" / "smoothquant" / "stats.safetensors")
+    windows = token_windows(calib, AutoTokenizer.from_pretrained(model), 4, 64)
+    fp = input_absmax(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32), torch.tensor(windows))
+    torch.testing.assert_close(stats["model.layers.0.mlp.up_proj.before"], fp["model.layers.0.mlp.up_proj"])
+    got, want = stats["model.layers.1.mlp.up_proj.before"], fp["model.layers.1.mlp.up_proj"]
+    assert not torch.equal(got, want) and ((got - want).norm() / want.norm()) < 0.2
+    sd = load_file(tmp_path / "sq" / "model.safetensors")
+    for name in ("model.layers.1.self_attn.o_proj", "model.layers.1.mlp.down_proj"):
+        torch.testing.assert_close(sd[f"{name}.input_scale"], stats[f"{name}.after"].amax().reshape(1) / 127)
+    report = json.loads((tmp_path / "sq" / "smoothquant" / "report.json").read_text())
+    assert report["peak_rss_bytes"] > 0 and report["smooth_groups"] == ["qkv", "gate_up", "o", "down"]

@@ -1,11 +1,10 @@
 import pytest
 import torch
-from reference import paper_scales
+from reference import input_absmax, paper_scales
 from tiny_models import ARCHS, tiny_model
 
-from vllm_smoothquant.offline.calibration import collect_input_absmax
 from vllm_smoothquant.offline.mappings import mapping_for
-from vllm_smoothquant.offline.pipeline import decoder_linears, select_groups, smooth_model
+from vllm_smoothquant.offline.pipeline import attention_heads, select_groups, smooth_layer
 from vllm_smoothquant.offline.smoothing import apply_smoothing, smoothing_scales, weight_absmax
 
 
@@ -43,7 +42,21 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-GROUPS = {"norm-pairs": None, "all-pairs": "all"}
+GROUPS = {"norm-pairs": ("qkv", "gate_up", "fc1"), "all-pairs": None}
+
+
+def _smooth(model, names, absmax, alpha):
+    """smooth_layer on every decoder layer; returns (absmax after, reports) keyed by full name."""
+    mapping = mapping_for(model.config)
+    groups = select_groups(mapping, tuple(g.name for g in mapping.groups if names is None or g.name in names))
+    after, reports = {}, []
+    for i, layer in enumerate(model.get_submodule(mapping.layers)):
+        prefix = f"{mapping.layers}.{i}."
+        local = {k.removeprefix(prefix): v for k, v in absmax.items() if k.startswith(prefix)}
+        a, r = smooth_layer(layer, i, groups, local, alpha, attention_heads(model.config))
+        after.update({prefix + k: v for k, v in a.items()})
+        reports += r
+    return after, reports
 
 
 @pytest.mark.parametrize("groups", list(GROUPS), ids=str)
@@ -51,19 +64,15 @@ GROUPS = {"norm-pairs": None, "all-pairs": "all"}
 def test_smoothing_is_exact_on_fp32_logits(arch, groups):
     """Smoothing without quantization leaves the fp32 model's logits unchanged (~1e-5 relative)."""
     model = tiny_model(arch)
-    mapping = mapping_for(model.config)
-    names = tuple(g.name for g in mapping.groups) if GROUPS[groups] == "all" else None
     ids = torch.randint(3, 512, (2, 48), generator=torch.Generator().manual_seed(1))
     before = _logits(model, ids)
-    linears = decoder_linears(model, mapping)
-    absmax = collect_input_absmax(model, linears, ids.tolist(), "cpu")
-    after_stats, reports = smooth_model(model, mapping, select_groups(mapping, names), absmax, 0.5)
+    after_stats, reports = _smooth(model, GROUPS[groups], input_absmax(model, ids), 0.5)
     after = _logits(model, ids)
     rel = ((after - before).norm() / before.norm()).item()
     assert rel < 1e-5, rel
     # the migration did happen, and it flattened the outliers it targeted
     assert reports and all(r.act_max_after < r.act_max_before for r in reports if r.group in ("qkv", "gate_up", "fc1"))
     # the recorded post-smoothing absmax is the true absmax of the smoothed model
-    fresh = collect_input_absmax(model, linears, ids.tolist(), "cpu")
+    fresh = input_absmax(model, ids)
     for k in fresh:
         torch.testing.assert_close(after_stats[k], fresh[k], rtol=1e-4, atol=1e-6)

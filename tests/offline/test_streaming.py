@@ -1,0 +1,61 @@
+import pytest
+import torch
+from reference import fake_quant_per_token, input_absmax
+from tiny_models import ARCHS, tiny_model
+
+from vllm_smoothquant.offline.mappings import mapping_for
+from vllm_smoothquant.offline.pipeline import layer_linears
+from vllm_smoothquant.offline.streaming import capture_layer_inputs, quantized_activations, record_inputs, run_layer
+
+ARCH_IDS = lambda a: a.removesuffix("ForCausalLM")  # noqa: E731
+
+
+def _windows():
+    return torch.randint(3, 512, (3, 40), generator=torch.Generator().manual_seed(2)).tolist()
+
+
+@pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
+def test_layer_by_layer_reproduces_the_model_and_its_statistics(arch):
+    """Captured layer arguments replayed layer by layer give the model's own last-layer output and the
+    same per-channel input absmax as one whole-model forward."""
+    model = tiny_model(arch, layers=3)
+    layers = model.get_submodule(mapping_for(model.config).layers)
+    windows = _windows()
+    want_out = []
+    h = layers[-1].register_forward_hook(lambda _m, _i, out: want_out.append(out[0] if isinstance(out, tuple) else out))
+    want_absmax = input_absmax(model, torch.tensor(windows))
+    h.remove()
+
+    inputs = capture_layer_inputs(model, layers, windows, "cpu", torch.float32)
+    hidden = inputs.hidden
+    for i, layer in enumerate(layers):
+        with record_inputs(layer_linears(layer)) as (absmax, _):
+            hidden = run_layer(layer, hidden, inputs.kwargs[i])
+        for name, a in absmax.items():
+            torch.testing.assert_close(a, want_absmax[f"{mapping_for(model.config).layers}.{i}.{name}"], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat(hidden), want_out[0], rtol=1e-5, atol=1e-5)
+
+
+def test_samples_are_drawn_from_every_window():
+    lin = torch.nn.Linear(8, 4)
+    xs = [torch.full((1, 10, 8), float(k)) for k in range(4)]
+    with record_inputs({"lin": lin}, sample_rows=8, num_windows=4) as (absmax, samples):
+        for x in xs:
+            lin(x)
+    assert samples["lin"].shape == (8, 8)
+    assert sorted(samples["lin"][:, 0].tolist()) == [0, 0, 1, 1, 2, 2, 3, 3]
+    assert absmax["lin"].tolist() == [3.0] * 8
+
+
+@pytest.mark.parametrize("scheme", ["token", "static"])
+def test_quantized_activations_simulate_the_int8_kernel(scheme):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 8, bias=False)
+    x = torch.randn(2, 5, 16) * 3
+    absmax = {"lin": x.abs().amax((0, 1)) * 1.5}  # a calibrated max above this batch's max
+    with quantized_activations({"lin": lin}, {"lin": scheme}, absmax):
+        got = lin(x)
+    scale = absmax["lin"].max() / 127
+    xq = fake_quant_per_token(x) if scheme == "token" else torch.round(x / scale).clamp(-128, 127) * scale
+    torch.testing.assert_close(got, xq @ lin.weight.T)
+    torch.testing.assert_close(lin(x), x @ lin.weight.T)  # hooks removed on exit
