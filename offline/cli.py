@@ -25,6 +25,15 @@ def _alpha(v: str) -> float | str:
     return a
 
 
+def _override(v: str) -> tuple[str, str]:
+    from .pipeline import OptionsError
+
+    key, sep, scheme = v.partition("=")
+    if not sep:
+        raise OptionsError(f"--activation-override {v!r}: use MODULE=token or MODULE=static, e.g. down_proj=token.")
+    return key.strip(), scheme.strip()
+
+
 def _positive(v: str) -> int:
     try:
         n = int(v)
@@ -54,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--weights", choices=["channel", "tensor"], default="channel", help="weight scale granularity")
     q.add_argument("--activations", choices=["token", "static"], default="token",
                    help="token: dynamic per-token (default); static: calibrated per-tensor input_scale")
+    q.add_argument("--activation-override", action="append", default=[], metavar="MODULE=token|static",
+                   help="another activation scheme for modules whose name ends with MODULE, e.g. down_proj=token "
+                        "with --activations static (repeatable; fused q/k/v and gate/up must agree)")
     q.add_argument("--device", default="cpu", help="cpu or cuda")
     q.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="dtype of unquantized parts")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
@@ -92,6 +104,7 @@ def _quantize(args) -> int:
         groups=tuple(g.strip() for g in args.smooth_groups.split(",") if g.strip()) if args.smooth_groups else None,
         weights=args.weights,
         activations=args.activations,
+        activation_overrides=dict(_override(v) for v in args.activation_override),
         num_samples=args.num_samples,
         seq_len=args.seq_len,
         device=args.device,

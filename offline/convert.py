@@ -22,6 +22,12 @@ def compressed_tensors_config(fmt: SmoothQuantFormat) -> dict:
     """The compressed-tensors ``quantization_config`` equivalent to ``fmt``."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 
+    if fmt.activation_overrides:
+        raise FormatError(
+            f"this checkpoint has per-module activation overrides ({sorted(fmt.activation_overrides)}); "
+            "`convert` writes one compressed-tensors scheme for all linears and cannot express them yet. "
+            "Serve it with --quantization smoothquant, or re-quantize without --activation-override."
+        )
     static = not fmt.activations.dynamic
     scheme = QuantizationScheme(
         targets=["Linear"],

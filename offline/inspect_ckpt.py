@@ -30,7 +30,9 @@ def describe(ckpt: Path) -> str:
     lines = [
         f"{ckpt}: {cfg.get('architectures', ['?'])[0]}, SmoothQuant format v{fmt.format_version}",
         f"  weights: int8 per {fmt.weights.strategy}; activations: int8 "
-        + ("dynamic per token" if fmt.activations.dynamic else "static per tensor (input_scale)"),
+        + ("dynamic per token" if fmt.activations.dynamic else "static per tensor (input_scale)")
+        + "".join(f"; {k}: {'dynamic per token' if v.dynamic else 'static per tensor'}"
+                  for k, v in fmt.activation_overrides.items()),
         f"  smoothed: {fmt.smoothed}, alpha: {fmt.alpha}, ignore: {list(fmt.ignore)}",
         f"  calibration: {fmt.calibration.source} ({fmt.calibration.num_samples} x {fmt.calibration.seq_len} tokens)",
     ]

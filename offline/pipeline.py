@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import resource
 import time
 from dataclasses import dataclass, field
@@ -44,6 +45,8 @@ class QuantizeOptions:
     device: str = "cpu"
     dtype: str = "bfloat16"
     ignore: tuple[str, ...] = ("lm_head",)
+    # module-name suffix -> "token" | "static", e.g. {"down_proj": "token"} with activations="static"
+    activation_overrides: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
         if self.alpha is not None and self.alpha != "auto" and not (
@@ -54,6 +57,10 @@ class QuantizeOptions:
             raise OptionsError(f"--weights {self.weights!r}: use 'channel' or 'tensor'.")
         if self.activations not in ("token", "static"):
             raise OptionsError(f"--activations {self.activations!r}: use 'token' or 'static'.")
+        for key, scheme in self.activation_overrides.items():
+            if not key or scheme not in ("token", "static"):
+                raise OptionsError(f"--activation-override {key}={scheme}: use MODULE=token or MODULE=static, "
+                                   "e.g. down_proj=token.")
         if self.num_samples < 1 or self.seq_len < 2:
             raise OptionsError("--num-samples must be >= 1 and --seq-len >= 2.")
         if self.dtype not in ("bfloat16", "float16"):
@@ -63,10 +70,33 @@ class QuantizeOptions:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise OptionsError("--device cuda but torch sees no CUDA device; use --device cpu.")
 
-    def activation_scheme(self) -> ActivationScheme:
-        if self.activations == "static":
-            return ActivationScheme(strategy="tensor", dynamic=False)
-        return ActivationScheme(strategy="token", dynamic=True)
+    def checkpoint_format(self) -> SmoothQuantFormat:
+        """The checkpoint's schemes (alpha and calibration are filled in after quantization)."""
+        return SmoothQuantFormat(
+            weights=WeightScheme(strategy=self.weights), activations=_scheme(self.activations),
+            activation_overrides={k: _scheme(v) for k, v in self.activation_overrides.items()}, ignore=self.ignore,
+        )
+
+
+def _scheme(name: str) -> ActivationScheme:
+    return ActivationScheme(strategy="tensor", dynamic=False) if name == "static" else ActivationScheme()
+
+
+def scheme_name(a: ActivationScheme) -> str:
+    return "token" if a.dynamic else "static"
+
+
+def check_fused_schemes(mapping: ArchMapping, fmt: SmoothQuantFormat, num_layers: int) -> None:
+    """Linears that vLLM fuses (those sharing one input: q/k/v, gate/up) need one activation scheme."""
+    for g in mapping.groups:
+        for i in range(num_layers):
+            names = [f"{mapping.layers}.{i}.{n}" for n in g.linears]
+            schemes = {n: scheme_name(fmt.activations_for(n)) for n in names}
+            if len(set(schemes.values())) > 1:
+                raise OptionsError(
+                    f"--activation-override gives {schemes} different schemes, but vLLM runs "
+                    f"{', '.join(g.linears)} as one fused layer: override all of them or none."
+                )
 
 
 @dataclass
@@ -128,13 +158,15 @@ def smooth_layer(
     alpha: float | str,
     heads: tuple[int, int],
     samples: dict[str, torch.Tensor] | None = None,
-    opts: "QuantizeOptions | None" = None,
+    schemes: dict[str, str] | None = None,
+    weights: str = "channel",
 ) -> tuple[dict[str, torch.Tensor], list[GroupReport]]:
     """Apply smoothing to one decoder layer in place; return its linears' input absmax after smoothing.
 
     ``act_absmax`` and ``samples`` are keyed by the linear's name inside the layer. After smoothing a
     group's input is X / s, so its new absmax is ``act_absmax / s`` exactly. ``alpha="auto"``
-    searches alpha per group on ``samples`` (see ``alpha_search``) for the schemes of ``opts``.
+    searches alpha per group on ``samples`` (see ``alpha_search``) for the layer's activation
+    ``schemes`` (local name -> "token" | "static") and the ``weights`` strategy.
     """
     after = dict(act_absmax)
     reports = []
@@ -146,7 +178,7 @@ def smooth_layer(
         if alpha == "auto":
             group_alpha, _ = search_alpha(
                 lambda al: _group_scales(a, w, al, g, *heads)[1], samples[g.linears[0]].to(w.device),
-                [lin.weight for lin in linears], a, opts.activations, opts.weights,
+                [lin.weight for lin in linears], a, schemes[g.linears[0]], weights,
             )
         s_prev, s_in = _group_scales(a, w, group_alpha, g, *heads)
         apply_smoothing(layer.get_submodule(g.prev), linears, s_prev, s_in)
@@ -191,7 +223,10 @@ def quantize(
     start = time.perf_counter()
     out = Path(output_dir)
     check_output_dir(out, overwrite)
-    mapping = mapping_for(AutoConfig.from_pretrained(model_dir))
+    hf_config = AutoConfig.from_pretrained(model_dir)
+    mapping = mapping_for(hf_config)
+    base_fmt = opts.checkpoint_format()
+    check_fused_schemes(mapping, base_fmt, hf_config.num_hidden_layers)
     groups = select_groups(mapping, opts.groups) if opts.smooth else []
     alpha = mapping.default_alpha if opts.alpha is None else opts.alpha
 
@@ -202,7 +237,8 @@ def quantize(
     dtype, compute = DTYPES[opts.dtype], torch.float32 if opts.device == "cpu" else torch.bfloat16
     layers = model.get_submodule(mapping.layers)
     # Naive W8A8 with dynamic activations uses no statistics: skip the forward passes.
-    needs_stats = bool(groups) or opts.activations == "static"
+    any_static = opts.activations == "static" or "static" in opts.activation_overrides.values()
+    needs_stats = bool(groups) or any_static
     inputs = capture_layer_inputs(model, layers, windows, opts.device, compute) if needs_stats else None
     rows = AUTO_ALPHA_ROWS if alpha == "auto" and groups else 0
 
@@ -215,18 +251,19 @@ def quantize(
     for i, layer in enumerate(tqdm(layers, desc="layers", unit="layer")):
         to_compute(layer, opts.device, compute)
         linears = layer_linears(layer)
+        schemes = {n: scheme_name(base_fmt.activations_for(f"{prefix}{i}.{n}")) for n in linears}
         absmax: dict[str, torch.Tensor] = {}
         samples = None
         if needs_stats:
             with record_inputs(linears, rows, len(windows)) as (absmax, samples):
                 run_layer(layer, inputs.hidden, inputs.kwargs[i])
-        after, layer_reports = smooth_layer(layer, i, groups, absmax, alpha, heads, samples, opts)
+        after, layer_reports = smooth_layer(layer, i, groups, absmax, alpha, heads, samples, schemes, opts.weights)
         reports += layer_reports
         for name, lin in linears.items():
             q, scale = quantize_weight(lin.weight, opts.weights)
             key = f"{prefix}{i}.{name}"
             sd[f"{key}.weight"], sd[f"{key}.weight_scale"] = q.cpu(), scale.cpu()
-            if opts.activations == "static":
+            if schemes[name] == "static":
                 sd[f"{key}.input_scale"] = static_input_scale(after[name]).cpu()
             if needs_stats:
                 stats[f"{key}.before"], stats[f"{key}.after"] = absmax[name].cpu(), after[name].cpu()
@@ -234,18 +271,15 @@ def quantize(
         quantized = {f"{name}.weight" for name in linears}
         sd.update({f"{prefix}{i}.{k}": _storage(v, dtype) for k, v in layer.state_dict().items() if k not in quantized})
         if needs_stats and i + 1 < len(layers):
-            schemes = {name: opts.activations for name in linears}
             with quantized_activations(linears, schemes, after):
                 inputs.hidden = run_layer(layer, inputs.hidden, inputs.kwargs[i])
         layer.to_empty(device="meta")  # free this layer's weights
 
-    fmt = SmoothQuantFormat(
-        weights=WeightScheme(strategy=opts.weights),
-        activations=opts.activation_scheme(),
+    fmt = dataclasses.replace(
+        base_fmt,
         alpha=alpha if groups else None,
         alphas={f"{r.layer}.{r.group}": r.alpha for r in reports} if alpha == "auto" else {},
         smoothed=bool(groups),
-        ignore=opts.ignore,
         calibration=Calibration(source=Path(calib).name, num_samples=len(windows), seq_len=opts.seq_len),
     )
     model.config.dtype = dtype

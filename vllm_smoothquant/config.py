@@ -9,7 +9,7 @@ from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMetho
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
-from .format import QUANT_METHOD, SmoothQuantFormat
+from .format import QUANT_METHOD, ActivationScheme, FormatError, SmoothQuantFormat
 
 
 class SmoothQuantConfig(QuantizationConfig):
@@ -63,4 +63,18 @@ class SmoothQuantConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         from .linear_method import SmoothQuantLinearMethod
 
-        return SmoothQuantLinearMethod(self.fmt, prefix)
+        return SmoothQuantLinearMethod(self.fmt, prefix, self.activations_for(prefix))
+
+    def activations_for(self, prefix: str) -> ActivationScheme:
+        """The layer's activation scheme; the shards of a fused layer (qkv_proj = q, k, v) must agree."""
+        parent, _, leaf = prefix.rpartition(".")
+        shards = self.packed_modules_mapping.get(leaf) or [leaf]
+        names = [f"{parent}.{s}" if parent else s for s in shards]
+        schemes = {n: self.fmt.activations_for(n) for n in names}
+        if len(set(schemes.values())) > 1:
+            detail = ", ".join(f"{n}: {'static' if not a.dynamic else 'token'}" for n, a in schemes.items())
+            raise FormatError(
+                f"{prefix}: vLLM runs {', '.join(shards)} as one fused layer with one activation scheme, but "
+                f"activation_overrides gives them different ones ({detail}); override all of them or none."
+            )
+        return next(iter(schemes.values()))

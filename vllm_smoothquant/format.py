@@ -11,8 +11,13 @@ carries::
         "activations": {"num_bits": 8, "strategy": "token", "dynamic": true, "symmetric": true},
         "alpha": 0.5, "smoothed": true,
         "ignore": ["lm_head"],
+        "activation_overrides": {"down_proj": {"num_bits": 8, "strategy": "token", "dynamic": true, "symmetric": true}},
         "calibration": {"source": "...", "num_samples": 128, "seq_len": 512}
     }
+
+``activation_overrides`` (optional) gives some modules another activation scheme than
+``activations``: a key matches a module whose dotted name ends with it (``down_proj``,
+``mlp.down_proj``, ``model.layers.3.mlp.down_proj``); the longest matching key wins.
 
 and whose safetensors hold, for every quantized Linear ``<name>``:
 
@@ -89,8 +94,9 @@ class ActivationScheme:
     symmetric: bool = True
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ActivationScheme":
-        where = "['activations']"
+    def from_dict(cls, d: dict[str, Any], where: str = "['activations']") -> "ActivationScheme":
+        if not isinstance(d, dict):
+            raise FormatError(f"quantization_config{where} must be an object like {asdict(cls())}.")
         _check_int8(d, where)
         strategy = _check_choice(_require(d, "strategy", where), ACTIVATION_STRATEGIES, where + "['strategy']")
         dynamic = _require(d, "dynamic", where)
@@ -126,6 +132,7 @@ class SmoothQuantFormat:
     alphas: dict[str, float] = field(default_factory=dict)  # "<layer>.<group>" -> alpha, for alpha "auto"
     smoothed: bool = True
     ignore: tuple[str, ...] = ("lm_head",)
+    activation_overrides: dict[str, ActivationScheme] = field(default_factory=dict)  # module-name suffix -> scheme
     calibration: Calibration = field(default_factory=Calibration)
     format_version: int = FORMAT_VERSION
     quant_method: str = QUANT_METHOD
@@ -152,6 +159,9 @@ class SmoothQuantFormat:
         alphas = d.get("alphas") or {}
         if not isinstance(alphas, dict) or not all(isinstance(v, (int, float)) for v in alphas.values()):
             raise FormatError("quantization_config['alphas'] must map '<layer>.<group>' to numbers.")
+        overrides = d.get("activation_overrides") or {}
+        if not isinstance(overrides, dict) or not all(isinstance(k, str) and k for k in overrides):
+            raise FormatError("quantization_config['activation_overrides'] must map module-name suffixes to schemes.")
         cal = d.get("calibration") or {}
         return cls(
             weights=WeightScheme.from_dict(_require(d, "weights", "")),
@@ -160,12 +170,20 @@ class SmoothQuantFormat:
             alphas=dict(alphas),
             smoothed=bool(d.get("smoothed", True)),
             ignore=tuple(ignore),
+            activation_overrides={
+                k: ActivationScheme.from_dict(v, f"['activation_overrides'][{k!r}]") for k, v in overrides.items()
+            },
             calibration=Calibration(
                 source=str(cal.get("source", "")),
                 num_samples=int(cal.get("num_samples", 0)),
                 seq_len=int(cal.get("seq_len", 0)),
             ),
         )
+
+    def activations_for(self, module: str) -> ActivationScheme:
+        """The activation scheme of the module named ``module`` (e.g. ``model.layers.0.mlp.down_proj``)."""
+        keys = [k for k in self.activation_overrides if module == k or module.endswith("." + k)]
+        return self.activation_overrides[max(keys, key=len)] if keys else self.activations
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

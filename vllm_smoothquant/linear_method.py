@@ -23,7 +23,7 @@ from vllm.model_executor.parameter import (
     PerTensorScaleParameter,
 )
 
-from .format import SmoothQuantFormat
+from .format import ActivationScheme, SmoothQuantFormat
 
 _FIX = "re-create the checkpoint with `vllm-smoothquant quantize` (format v1: int8 weight [out, in], float32 scales)"
 
@@ -66,9 +66,10 @@ def _dummy_load() -> bool:
 class SmoothQuantLinearMethod(LinearMethodBase):
     """W8A8 int8 linear: ``y = (s_x * s_w) * (q(x) @ W_q^T) + bias``."""
 
-    def __init__(self, fmt: SmoothQuantFormat, prefix: str = "") -> None:
+    def __init__(self, fmt: SmoothQuantFormat, prefix: str = "", activations: ActivationScheme | None = None) -> None:
         self.fmt = fmt
         self.prefix = prefix
+        self.activations = activations or fmt.activations  # this layer's scheme (activation_overrides applied)
         self.kernel = None
 
     def create_weights(
@@ -83,7 +84,7 @@ class SmoothQuantLinearMethod(LinearMethodBase):
     ) -> None:
         loader = extra_weight_attrs["weight_loader"]
         channelwise = self.fmt.weights.strategy == "channel"
-        static = not self.fmt.activations.dynamic
+        static = not self.activations.dynamic
         layer.logical_widths = output_partition_sizes
         self.kernel = init_int8_linear_kernel(
             is_channelwise=channelwise,

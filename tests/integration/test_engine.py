@@ -155,13 +155,18 @@ def test_more_families_serve_with_all_smoothing_pairs(arch, tmp_path):
     assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
 
 
-def test_static_activation_scales_serve(ckpts, tmp_path):
-    """--activations static: calibrated per-tensor input_scale, loaded and used by vLLM's int8 kernel."""
+@pytest.mark.parametrize("override", [None, "down_proj=token"], ids=["all-static", "down_proj-per-token"])
+def test_static_activation_scales_serve(ckpts, tmp_path, override):
+    """--activations static: calibrated per-tensor input_scale, loaded and used by vLLM's int8 kernel;
+    with an override, down_proj runs dynamic per-token beside the static layers."""
     from vllm import LLM
 
     src = ckpts["LlamaForCausalLM"].parent / "LlamaForCausalLM"
-    ckpt = _cli_quantize(src, tmp_path / "static", calib_text(tmp_path / "c.txt"), "--activations", "static")
-    assert "model.layers.0.mlp.down_proj.input_scale" in load_file(ckpt / "model.safetensors")
+    extra = ["--activation-override", override] if override else []
+    ckpt = _cli_quantize(src, tmp_path / "static", calib_text(tmp_path / "c.txt"), "--activations", "static", *extra)
+    sd = load_file(ckpt / "model.safetensors")
+    assert "model.layers.0.self_attn.o_proj.input_scale" in sd
+    assert ("model.layers.0.mlp.down_proj.input_scale" in sd) == (override is None)
     llm = LLM(model=str(ckpt), quantization="smoothquant", **EXACT)
     prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
     got = _vllm_prompt_logprobs(llm, prompts)

@@ -137,3 +137,28 @@ def test_statistics_are_streamed_through_the_quantized_layers(tiny, tmp_path, ca
         torch.testing.assert_close(sd[f"{name}.input_scale"], stats[f"{name}.after"].amax().reshape(1) / 127)
     report = json.loads((tmp_path / "sq" / "smoothquant" / "report.json").read_text())
     assert report["peak_rss_bytes"] > 0 and report["smooth_groups"] == ["qkv", "gate_up", "o", "down"]
+
+
+def test_activation_override_keeps_down_proj_per_token(tiny, tmp_path, capsys):
+    model, calib = tiny
+    out = tmp_path / "mixed"
+    assert _quantize(model, out, calib, "--activations", "static", "--activation-override", "down_proj=token") == 0
+    sd = load_file(out / "model.safetensors")
+    scaled = {k.removesuffix(".input_scale").split(".", 3)[-1] for k in sd if k.endswith(".input_scale")}
+    assert scaled == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                      "mlp.gate_proj", "mlp.up_proj"}  # every static linear but down_proj
+    fmt = SmoothQuantFormat.from_dict(json.loads((out / "config.json").read_text())["quantization_config"])
+    assert fmt.activations_for("model.layers.1.mlp.down_proj").dynamic and not fmt.activations.dynamic
+    assert main(["convert", str(out), str(tmp_path / "ct")]) == 2
+    assert "activation overrides" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [("q_proj=token", "one fused layer"), ("down_proj", "MODULE=token"), ("down_proj=fp8", "MODULE=token")],
+    ids=["splits-fused-qkv", "no-scheme", "unknown-scheme"],
+)
+def test_bad_activation_overrides_are_clear_errors(tiny, tmp_path, capsys, override, match):
+    model, calib = tiny
+    assert _quantize(model, tmp_path / "x", calib, "--activations", "static", "--activation-override", override) == 2
+    assert match in capsys.readouterr().err and not (tmp_path / "x").exists()

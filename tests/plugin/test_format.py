@@ -7,10 +7,30 @@ from vllm_smoothquant.format import ActivationScheme, FormatError, SmoothQuantFo
 GOOD = SmoothQuantFormat().to_dict()
 
 
+STATIC = ActivationScheme("tensor", dynamic=False)
+
+
 def test_round_trip():
-    fmt = SmoothQuantFormat(weights=WeightScheme("tensor"), activations=ActivationScheme("tensor", dynamic=False),
-                            alpha=0.7, ignore=("lm_head", "model.layers.0.mlp.down_proj"))
+    fmt = SmoothQuantFormat(weights=WeightScheme("tensor"), activations=STATIC, alpha=0.7,
+                            ignore=("lm_head", "model.layers.0.mlp.down_proj"),
+                            activation_overrides={"down_proj": ActivationScheme()})
     assert SmoothQuantFormat.from_dict(fmt.to_dict()) == fmt
+
+
+@pytest.mark.parametrize(
+    "module, expected",
+    [
+        ("model.layers.0.self_attn.q_proj", "static"),
+        ("model.layers.0.mlp.down_proj", "token"),
+        ("model.layers.3.mlp.down_proj", "static"),  # the longer key wins
+        ("model.layers.0.mlp.not_down_proj", "static"),  # keys match whole dotted components
+    ],
+    ids=lambda v: v if "." in v else None,
+)
+def test_activation_overrides_match_name_suffixes(module, expected):
+    fmt = SmoothQuantFormat(activations=STATIC,
+                            activation_overrides={"down_proj": ActivationScheme(), "layers.3.mlp.down_proj": STATIC})
+    assert ("token" if fmt.activations_for(module).dynamic else "static") == expected
 
 
 def _with(path, value):
@@ -41,6 +61,10 @@ def _with(path, value):
         (("activations", "symmetric"), False, "no zero points"),
         (("alpha",), 1.5, r"alpha.*\[0, 1\]"),
         (("ignore",), "lm_head", "list of module names"),
+        (("activation_overrides",), ["down_proj"], "module-name suffixes"),
+        (("activation_overrides",), {"down_proj": "token"}, r"\['activation_overrides'\]\['down_proj'\] must be an object"),
+        (("activation_overrides",), {"down_proj": {"num_bits": 8, "strategy": "token", "dynamic": False}},
+         r"\['activation_overrides'\]\['down_proj'\]: static activation scales are per tensor"),
     ],
     ids=lambda v: ".".join(v) if isinstance(v, tuple) else None,
 )

@@ -55,3 +55,18 @@ def test_from_config_and_quant_method_choice():
     cfg = SmoothQuantConfig.from_config(SmoothQuantFormat().to_dict())
     assert cfg.get_name() == "smoothquant" and cfg.get_min_capability() == 75
     assert cfg.get_quant_method(object(), "model.embed_tokens") is None  # not a LinearBase
+
+
+def test_fused_layers_take_the_override_of_all_their_shards():
+    from vllm_smoothquant.config import SmoothQuantConfig
+    from vllm_smoothquant.format import ActivationScheme, FormatError
+
+    static = ActivationScheme("tensor", dynamic=False)
+    fmt = SmoothQuantFormat(activations=static, activation_overrides={"down_proj": ActivationScheme()})
+    cfg = SmoothQuantConfig(fmt)
+    cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    assert cfg.activations_for("model.layers.0.mlp.down_proj").dynamic
+    assert cfg.activations_for("model.layers.0.self_attn.qkv_proj") == static
+    cfg.fmt = SmoothQuantFormat(activations=static, activation_overrides={"q_proj": ActivationScheme()})
+    with pytest.raises(FormatError, match="q_proj, k_proj, v_proj as one fused layer"):
+        cfg.activations_for("model.layers.0.self_attn.qkv_proj")
