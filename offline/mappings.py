@@ -51,12 +51,24 @@ _OPT = ArchMapping(
     default_alpha=0.5,
 )
 
+# Phi-3 stores q/k/v and gate/up fused (qkv_proj, gate_up_proj): the norm -> linear pairs apply as they are;
+# v->o and up->down would have to scale only some rows of the fused linear, which a SmoothGroup cannot say yet.
+_PHI3 = ArchMapping(
+    layers="model.layers",
+    groups=(
+        SmoothGroup("qkv", "input_layernorm", ("self_attn.qkv_proj",)),
+        SmoothGroup("gate_up", "post_attention_layernorm", ("mlp.gate_up_proj",)),
+    ),
+    default_alpha=0.8,
+)
+
 MAPPINGS: dict[str, ArchMapping] = {
     "OPTForCausalLM": _OPT,
     "LlamaForCausalLM": _LLAMA,
     "MistralForCausalLM": _LLAMA,
     "Qwen2ForCausalLM": _LLAMA,  # q/k/v biases live on the linears: unaffected by input scaling
     "Qwen3ForCausalLM": _LLAMA,  # q_norm/k_norm act after q/k_proj, per head: unaffected
+    "Phi3ForCausalLM": _PHI3,
 }
 
 

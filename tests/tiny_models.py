@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-ARCHS = ("OPTForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+ARCHS = ("OPTForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+         "Phi3ForCausalLM")
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
     "you were her she there one all we their its been has more if no when will would who so my what up out them "
@@ -42,7 +43,7 @@ def tiny_config(arch: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv
     if arch == "OPTForCausalLM":
         return transformers.OPTConfig(hidden_size=hidden, ffn_dim=4 * hidden, word_embed_proj_dim=hidden, **common)
     cls = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
-           "Qwen2ForCausalLM": "Qwen2Config", "Qwen3ForCausalLM": "Qwen3Config"}[arch]
+           "Qwen2ForCausalLM": "Qwen2Config", "Qwen3ForCausalLM": "Qwen3Config", "Phi3ForCausalLM": "Phi3Config"}[arch]
     extra = {"head_dim": hidden // heads} if arch == "Qwen3ForCausalLM" else {}
     return getattr(transformers, cls)(hidden_size=hidden, intermediate_size=3 * hidden, num_key_value_heads=kv_heads,
                                       tie_word_embeddings=False, **common, **extra)

@@ -132,18 +132,18 @@ def test_malformed_checkpoint_fails_at_load_naming_the_tensor(ckpts, tmp_path, h
     assert message in proc.stdout + proc.stderr
 
 
-FAMILIES = ["MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"]
+FAMILIES = ["MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"]
 
 
 @pytest.mark.parametrize("arch", FAMILIES, ids=lambda a: a.removesuffix("ForCausalLM"))
 def test_more_families_serve_with_all_smoothing_pairs(arch, tmp_path):
-    """Mistral, Qwen2 (qkv bias) and Qwen3 (q/k norms), smoothed on every pair (incl. v->o, up->down)."""
+    """Mistral, Qwen2 (qkv bias), Qwen3 (q/k norms): every pair (incl. v->o, up->down) smoothed by default;
+    Phi-3: fused qkv_proj / gate_up_proj in the checkpoint, split into vLLM's fused layers by its loader."""
     from vllm import LLM
 
     from vllm_smoothquant.linear_method import quant_methods
 
-    ckpt = _cli_quantize(save_tiny(arch, tmp_path / arch, hidden=128), tmp_path / "sq", calib_text(tmp_path / "c.txt"),
-                         "--smooth-groups", "qkv,gate_up,o,down")
+    ckpt = _cli_quantize(save_tiny(arch, tmp_path / arch, hidden=128), tmp_path / "sq", calib_text(tmp_path / "c.txt"))
     llm = LLM(model=str(ckpt), quantization="smoothquant", **EXACT)
     methods = llm.apply_model(quant_methods)[0]
     prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
