@@ -34,6 +34,8 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "sq-0.8-norm-pairs-static": ("static", ["--alpha", "0.8", "--smooth-groups", "qkv,gate_up", "--activations", "static"]),
     "sq-0.8-all-pairs-static": ("static", ["--alpha", "0.8", "--smooth-groups", ALL, "--activations", "static"]),
     "sq-auto-all-pairs-static": ("static", ["--alpha", "auto", "--smooth-groups", ALL, "--activations", "static"]),
+    "sq-0.8-all-pairs-static-down-token": ("static", ["--alpha", "0.8", "--smooth-groups", ALL, "--activations", "static",
+                                                      "--activation-override", "down_proj=token"]),
 }
 
 

@@ -70,7 +70,8 @@ def run_demo() -> int:
     for r in rows:
         print(f"| {r['model']:<20} | {r['activation_dtype']:<11} | {r['ppl']:>10.3f} |")
     result = {
-        "date": time.strftime("%Y-%m-%d"), "device": platform.processor() or platform.machine(),
+        "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
+        else f"CPU {platform.machine()} ({torch.get_num_threads()} threads)",
         "vllm": vllm.__version__, "torch": torch.__version__, "calibration": f"{calib.name} {CALIB_SAMPLES}x{CALIB_LEN}",
         "heldout": f"{heldout.name} {EVAL_WINDOWS}x{EVAL_LEN}", "rows": rows,
     }
