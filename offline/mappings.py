@@ -27,6 +27,7 @@ class ArchMapping:
     layers: str  # attribute path of the decoder layer list
     groups: tuple[SmoothGroup, ...]
     default_alpha: float
+    layer_returns_tuple: bool = False  # the decoder layer returns (hidden_states, ...) instead of a tensor
 
 
 _LLAMA = ArchMapping(
@@ -62,6 +63,26 @@ _PHI3 = ArchMapping(
     default_alpha=0.8,
 )
 
+# BLOOM: fused query_key_value (vLLM repacks its per-head layout, scales included); GELU between dense_h_to_4h and
+# dense_4h_to_h is not positively homogeneous, so only the norm pairs.
+_BLOOM = ArchMapping(
+    layers="transformer.h",
+    groups=(
+        SmoothGroup("qkv", "input_layernorm", ("self_attention.query_key_value",)),
+        SmoothGroup("fc1", "post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+    ),
+    default_alpha=0.5,
+    layer_returns_tuple=True,
+)
+
+# Falcon (parallel attention, one input_layernorm feeding attention and MLP): one group of both linears.
+_FALCON = ArchMapping(
+    layers="transformer.h",
+    groups=(SmoothGroup("qkv_fc1", "input_layernorm", ("self_attention.query_key_value", "mlp.dense_h_to_4h")),),
+    default_alpha=0.5,
+    layer_returns_tuple=True,
+)
+
 MAPPINGS: dict[str, ArchMapping] = {
     "OPTForCausalLM": _OPT,
     "LlamaForCausalLM": _LLAMA,
@@ -69,6 +90,8 @@ MAPPINGS: dict[str, ArchMapping] = {
     "Qwen2ForCausalLM": _LLAMA,  # q/k/v biases live on the linears: unaffected by input scaling
     "Qwen3ForCausalLM": _LLAMA,  # q_norm/k_norm act after q/k_proj, per head: unaffected
     "Phi3ForCausalLM": _PHI3,
+    "BloomForCausalLM": _BLOOM,
+    "FalconForCausalLM": _FALCON,  # parallel_attn with a single layernorm (7B-style); see mapping_for
 }
 
 
@@ -88,5 +111,12 @@ def mapping_for(config) -> ArchMapping:
         raise UnsupportedArchitectureError(
             f"architecture {archs[0]!r} has no SmoothQuant mapping. Supported: {', '.join(sorted(MAPPINGS))}. "
             "Add an ArchMapping to vllm_smoothquant/offline/mappings.py (norm -> linears it feeds)."
+        )
+    if archs[0] == "FalconForCausalLM" and (getattr(config, "new_decoder_architecture", False)
+                                            or not getattr(config, "parallel_attn", True)):
+        raise UnsupportedArchitectureError(
+            "FalconForCausalLM with new_decoder_architecture (ln_attn/ln_mlp, 40B/180B-style) or sequential "
+            "attention has no SmoothQuant mapping yet; only the parallel-attention, single-layernorm layout (7B) is "
+            "supported."
         )
     return MAPPINGS[archs[0]]

@@ -239,7 +239,8 @@ def quantize(
     # Naive W8A8 with dynamic activations uses no statistics: skip the forward passes.
     any_static = opts.activations == "static" or "static" in opts.activation_overrides.values()
     needs_stats = bool(groups) or any_static
-    inputs = capture_layer_inputs(model, layers, windows, opts.device, compute) if needs_stats else None
+    inputs = capture_layer_inputs(model, layers, windows, opts.device, compute, mapping.layer_returns_tuple) \
+        if needs_stats else None
     rows = AUTO_ALPHA_ROWS if alpha == "auto" and groups else 0
 
     prefix = f"{mapping.layers}."

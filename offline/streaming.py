@@ -28,21 +28,24 @@ class LayerInputs:
 
 
 class _Catcher(nn.Module):
-    def __init__(self, calls: list[dict]):
+    def __init__(self, calls: list[dict], returns_tuple: bool):
         super().__init__()
-        self.calls = calls
+        self.calls, self.returns_tuple = calls, returns_tuple
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
             raise TypeError("decoder layer called with extra positional arguments; streaming needs keyword arguments")
         self.calls.append(kwargs)
-        return hidden_states
+        return (hidden_states,) if self.returns_tuple else hidden_states
 
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[list[int]],
-                         device: str | torch.device, dtype: torch.dtype) -> LayerInputs:
+                         device: str | torch.device, dtype: torch.dtype, returns_tuple: bool = False) -> LayerInputs:
     """Layer 0's hidden states per window and every layer's keyword arguments.
+
+    ``returns_tuple``: the model's layers return ``(hidden_states, ...)`` (BLOOM, Falcon), so the
+    catchers do too.
 
     Everything but the decoder layers (embeddings, rotary tables, final norm) is moved to
     ``device``/``dtype`` here; the layers are left where they are.
@@ -50,11 +53,11 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[
     originals = list(layers)
     calls: list[list[dict]] = [[] for _ in originals]
     hidden: list[torch.Tensor] = []
-    first = _Catcher(calls[0])
+    first = _Catcher(calls[0], returns_tuple)
     first.register_forward_hook(lambda _m, args, kwargs, _out: hidden.append(
         (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
     for i in range(len(originals)):
-        layers[i] = first if i == 0 else _Catcher(calls[i])
+        layers[i] = first if i == 0 else _Catcher(calls[i], returns_tuple)
     try:
         to_compute(model, device, dtype)  # the catchers hold no weights: only the non-layer modules move
         for w in windows:

@@ -88,7 +88,7 @@ def input_absmax(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and ".layers." in n]
+               if isinstance(m, torch.nn.Linear) and (".layers." in n or ".h." in n)]
     try:
         model(ids)
     finally:

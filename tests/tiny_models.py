@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 ARCHS = ("OPTForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-         "Phi3ForCausalLM")
+         "Phi3ForCausalLM", "BloomForCausalLM", "FalconForCausalLM")
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
     "you were her she there one all we their its been has more if no when will would who so my what up out them "
@@ -42,6 +42,12 @@ def tiny_config(arch: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv
                   max_position_embeddings=1024, bos_token_id=1, eos_token_id=2, pad_token_id=2)
     if arch == "OPTForCausalLM":
         return transformers.OPTConfig(hidden_size=hidden, ffn_dim=4 * hidden, word_embed_proj_dim=hidden, **common)
+    if arch == "BloomForCausalLM":
+        return transformers.BloomConfig(hidden_size=hidden, n_layer=layers, n_head=heads, tie_word_embeddings=True,
+                                        **{k: v for k, v in common.items() if k not in ("num_hidden_layers", "num_attention_heads", "max_position_embeddings")})
+    if arch == "FalconForCausalLM":
+        return transformers.FalconConfig(hidden_size=hidden, parallel_attn=True, new_decoder_architecture=False,
+                                         multi_query=True, bias=False, alibi=False, **common)
     cls = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
            "Qwen2ForCausalLM": "Qwen2Config", "Qwen3ForCausalLM": "Qwen3Config", "Phi3ForCausalLM": "Phi3Config"}[arch]
     extra = {"head_dim": hidden // heads} if arch == "Qwen3ForCausalLM" else {}
@@ -57,7 +63,7 @@ def inject_outliers(model, seed: int = 0, factor: float = 30.0) -> None:
         w = getattr(m, "weight", None)
         if w is None or not isinstance(w, torch.nn.Parameter):
             continue
-        if "norm" in leaf and w.dim() == 1 and leaf not in ("q_norm", "k_norm") and "layers." in name:
+        if "norm" in leaf and w.dim() == 1 and leaf not in ("q_norm", "k_norm") and ("layers." in name or ".h." in name):
             idx = torch.randperm(w.numel(), generator=g)[:3]
             w[idx] *= factor
             if getattr(m, "bias", None) is not None:

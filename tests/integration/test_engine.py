@@ -70,7 +70,7 @@ def test_every_decoder_linear_uses_smoothquant(engine):
 
     arch, _, llm = engine
     methods = llm.apply_model(quant_methods)[0]
-    decoder = {n: m for n, m in methods.items() if ".layers." in n}
+    decoder = {n: m for n, m in methods.items() if ".layers." in n or ".h." in n}
     assert len(decoder) == 2 * 4  # per layer: qkv, o, gate_up | fc1, down | fc2
     assert set(decoder.values()) == {"SmoothQuantLinearMethod"}
 
@@ -132,7 +132,8 @@ def test_malformed_checkpoint_fails_at_load_naming_the_tensor(ckpts, tmp_path, h
     assert message in proc.stdout + proc.stderr
 
 
-FAMILIES = ["MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM"]
+FAMILIES = ["MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "BloomForCausalLM",
+            "FalconForCausalLM"]
 
 
 @pytest.mark.parametrize("arch", FAMILIES, ids=lambda a: a.removesuffix("ForCausalLM"))
@@ -150,7 +151,7 @@ def test_more_families_serve_with_all_smoothing_pairs(arch, tmp_path):
     got = _vllm_prompt_logprobs(llm, prompts)
     del llm
     gc.collect()
-    assert {m for n, m in methods.items() if ".layers." in n} == {"SmoothQuantLinearMethod"}
+    assert {m for n, m in methods.items() if ".layers." in n or ".h." in n} == {"SmoothQuantLinearMethod"}
     diff = _reference_diff(ckpt, got, prompts)
     assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
 

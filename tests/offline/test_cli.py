@@ -162,3 +162,16 @@ def test_bad_activation_overrides_are_clear_errors(tiny, tmp_path, capsys, overr
     model, calib = tiny
     assert _quantize(model, tmp_path / "x", calib, "--activations", "static", "--activation-override", override) == 2
     assert match in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+def test_falcon_40b_layout_is_a_clear_error(tmp_path, capsys):
+    from tiny_models import save_tiny, tiny_config
+
+    cfg = tiny_config("FalconForCausalLM")
+    assert cfg.parallel_attn and not cfg.new_decoder_architecture  # the supported layout of the tiny model
+    model = save_tiny("FalconForCausalLM", tmp_path / "falcon")
+    data = json.loads((model / "config.json").read_text())
+    data["new_decoder_architecture"] = True
+    (model / "config.json").write_text(json.dumps(data))
+    assert _quantize(model, tmp_path / "o", calib_text(tmp_path / "c.txt")) == 2
+    assert "new_decoder_architecture" in capsys.readouterr().err

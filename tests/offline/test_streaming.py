@@ -19,20 +19,21 @@ def test_layer_by_layer_reproduces_the_model_and_its_statistics(arch):
     """Captured layer arguments replayed layer by layer give the model's own last-layer output and the
     same per-channel input absmax as one whole-model forward."""
     model = tiny_model(arch, layers=3)
-    layers = model.get_submodule(mapping_for(model.config).layers)
+    mapping = mapping_for(model.config)
+    layers = model.get_submodule(mapping.layers)
     windows = _windows()
     want_out = []
     h = layers[-1].register_forward_hook(lambda _m, _i, out: want_out.append(out[0] if isinstance(out, tuple) else out))
     want_absmax = input_absmax(model, torch.tensor(windows))
     h.remove()
 
-    inputs = capture_layer_inputs(model, layers, windows, "cpu", torch.float32)
+    inputs = capture_layer_inputs(model, layers, windows, "cpu", torch.float32, mapping.layer_returns_tuple)
     hidden = inputs.hidden
     for i, layer in enumerate(layers):
         with record_inputs(layer_linears(layer)) as (absmax, _):
             hidden = run_layer(layer, hidden, inputs.kwargs[i])
         for name, a in absmax.items():
-            torch.testing.assert_close(a, want_absmax[f"{mapping_for(model.config).layers}.{i}.{name}"], rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(a, want_absmax[f"{mapping.layers}.{i}.{name}"], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(torch.cat(hidden), want_out[0], rtol=1e-5, atol=1e-5)
 
 
