@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import platform
 import shlex
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from vllm_smoothquant.offline.evaluate import device_name
 
 CLI = str(Path(sys.executable).with_name("vllm-smoothquant"))
 ALL = "qkv,gate_up,o,down"
@@ -57,12 +58,6 @@ def _eval(cmd: list[str]) -> dict:
     return json.loads(lines[-1])
 
 
-def _device() -> str:
-    import torch
-
-    return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def main() -> int:
     import torch
 
@@ -91,8 +86,9 @@ def main() -> int:
     eval_flags = ["--text", held, "--windows", str(a.windows), "--seq-len", str(a.seq_len), "--enforce-eager", "--json"]
 
     # Resumable: rows already in --out (same device) are kept, so a long table can be built in several calls.
-    rows = [r for r in json.loads(out.read_text())["rows"] if r["variant"] not in (a.only or VARIANTS)] \
-        if out.is_file() and json.loads(out.read_text())["device"] == _device() else []
+    previous = json.loads(out.read_text()) if out.is_file() else {}
+    rows = [r for r in previous.get("rows", []) if r["variant"] not in (a.only or VARIANTS)] \
+        if previous.get("device") == device_name() else []
     for name in a.only or VARIANTS:
         scheme, flags = VARIANTS[name]
         row = {"variant": name, "activations": scheme, "model": Path(model).name}
@@ -131,7 +127,7 @@ def _write(out: Path, rows: list[dict], a, calib: str, held: str) -> dict:
             r["vs_unquantized_pct"] = round(100 * (r["perplexity"] / base - 1), 2)
             if naive is not None and naive != base and r["variant"] != "unquantized":
                 r["naive_gap_closed_pct"] = round(100 * (naive - r["perplexity"]) / (naive - base), 1)
-    result = {"device": _device(), "vllm": vllm.__version__, "torch": torch.__version__,
+    result = {"device": device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "quantize_device": a.device,
               "calibration": Path(calib).name, "heldout": Path(held).name, "windows": a.windows,
               "seq_len": a.seq_len, "num_samples": a.num_samples, "rows": rows}

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import gc
 import json
-import platform
 import time
 from dataclasses import asdict
 
 from . import assets
 from .calibration import token_windows
-from .evaluate import make_llm, perplexity
+from .evaluate import device_name, make_llm, perplexity
 from .pipeline import QuantizeOptions, quantize
 
 CALIB_SAMPLES, CALIB_LEN = 32, 512
@@ -70,8 +69,7 @@ def run_demo() -> int:
     for r in rows:
         print(f"| {r['model']:<20} | {r['activation_dtype']:<11} | {r['ppl']:>10.3f} |")
     result = {
-        "date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if torch.cuda.is_available()
-        else f"CPU {platform.machine()} ({torch.get_num_threads()} threads)",
+        "date": time.strftime("%Y-%m-%d"), "device": device_name(),
         "vllm": vllm.__version__, "torch": torch.__version__, "calibration": f"{calib.name} {CALIB_SAMPLES}x{CALIB_LEN}",
         "heldout": f"{heldout.name} {EVAL_WINDOWS}x{EVAL_LEN}", "rows": rows,
     }

@@ -39,6 +39,17 @@ def perplexity(llm, windows: list[list[int]], batch: int = 16) -> Perplexity:
     return Perplexity(ppl=math.exp(nll), nll=nll, tokens=count)
 
 
+def device_name() -> str:
+    """What results files record as ``device``: the GPU's name, or the CPU architecture and thread count."""
+    import platform
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+
+
 def make_llm(model: str, quantization: str | None = None, **kwargs):
     """A ``vllm.LLM`` with settings that suit evaluation on CPU and GPU alike."""
     import torch

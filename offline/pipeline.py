@@ -99,6 +99,16 @@ def check_fused_schemes(mapping: ArchMapping, fmt: SmoothQuantFormat, num_layers
                 )
 
 
+def check_overrides_match(fmt: SmoothQuantFormat, layers: str, num_layers: int, local: list[str]) -> None:
+    """Every ``--activation-override`` key must name some decoder linear (a typo would silently do nothing).
+    ``local``: the linears' names inside one decoder layer, e.g. ``mlp.down_proj``."""
+    names = [f"{layers}.{i}.{n}" for i in range(num_layers) for n in local]
+    for key in fmt.activation_overrides:
+        if not any(n == key or n.endswith("." + key) for n in names):
+            raise OptionsError(f"--activation-override {key}=...: no decoder linear's name ends with {key!r}; "
+                               f"a decoder layer's linears are {sorted(local)}.")
+
+
 @dataclass
 class GroupReport:
     layer: int
@@ -236,6 +246,7 @@ def quantize(
     heads = attention_heads(model.config)
     dtype, compute = DTYPES[opts.dtype], torch.float32 if opts.device == "cpu" else torch.bfloat16
     layers = model.get_submodule(mapping.layers)
+    check_overrides_match(base_fmt, mapping.layers, len(layers), list(layer_linears(layers[0])))
     # Naive W8A8 with dynamic activations uses no statistics: skip the forward passes.
     any_static = opts.activations == "static" or "static" in opts.activation_overrides.values()
     needs_stats = bool(groups) or any_static

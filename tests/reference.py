@@ -78,7 +78,8 @@ def prompt_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 @torch.no_grad()
 def input_absmax(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
-    """``{full linear name: max|X| per input channel}`` over a whole-model fp forward of ``ids``."""
+    """``{full linear name: max|X| per input channel}`` of every Linear but the LM head, over a whole-model
+    fp forward of ``ids``."""
     out: dict[str, torch.Tensor] = {}
 
     def hook(name):
@@ -88,7 +89,7 @@ def input_absmax(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return fn
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, torch.nn.Linear) and (".layers." in n or ".h." in n)]
+               if isinstance(m, torch.nn.Linear) and n != "lm_head"]
     try:
         model(ids)
     finally:

@@ -155,8 +155,9 @@ def test_activation_override_keeps_down_proj_per_token(tiny, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "override, match",
-    [("q_proj=token", "one fused layer"), ("down_proj", "MODULE=token"), ("down_proj=fp8", "MODULE=token")],
-    ids=["splits-fused-qkv", "no-scheme", "unknown-scheme"],
+    [("q_proj=token", "one fused layer"), ("down_proj", "MODULE=token"), ("down_proj=fp8", "MODULE=token"),
+     ("dwn_proj=token", "no decoder linear's name ends with 'dwn_proj'")],
+    ids=["splits-fused-qkv", "no-scheme", "unknown-scheme", "matches-nothing"],
 )
 def test_bad_activation_overrides_are_clear_errors(tiny, tmp_path, capsys, override, match):
     model, calib = tiny
