@@ -4,9 +4,12 @@
 
 SmolLM2-135M has 9 query / 3 kv heads, which 2 GPUs cannot split. The script pads it, exactly, to
 12 query / 4 kv heads: the new heads have zero q/k/v rows and zero o_proj columns, so they add
-nothing to the residual stream (same function; the unpadded vs padded FP greedy output is recorded
-too). It then quantizes the padded model with SmoothQuant (default options), converts it to
-compressed-tensors, and compares greedy continuations of held-out text at TP=1 and TP=2.
+nothing to the residual stream (checked: transformers logits of the padded vs unpadded model).
+It quantizes the padded model with SmoothQuant twice (per-token activations, the default, and
+static per-tensor activations), converts the per-token one to compressed-tensors, and compares
+greedy continuations and prompt logprobs of held-out text at TP=1 and TP=2, the FP model included
+as the yardstick for how much TP alone moves bf16 numerics. The JSON is rewritten after every
+engine, so a run cut short still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import argparse
 import datetime
 import gc
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -28,15 +31,19 @@ CLI = str(Path(sys.executable).with_name("vllm-smoothquant"))
 
 @torch.no_grad()
 def pad_heads(src: str, dst: Path, heads: int, kv_heads: int) -> Path:
-    """Copy of a Llama model with ``heads``/``kv_heads`` attention heads; added heads are zero."""
+    """Copy of a Llama model with ``heads``/``kv_heads`` attention heads; added heads are zero.
+
+    New q/k/v rows and o_proj columns are zero: a zero value head contributes nothing to o_proj's
+    output, whatever its attention pattern, so the padded model computes the same function.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16)
     cfg = model.config
     d = cfg.hidden_size // cfg.num_attention_heads
     old_h, old_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    if (heads // kv_heads) != (old_h // old_kv):
-        raise ValueError("padding must keep the number of query heads per kv head")
+    if heads % kv_heads or heads // kv_heads != old_h // old_kv:
+        raise ValueError(f"padding {old_h}/{old_kv} -> {heads}/{kv_heads} heads must keep query heads per kv head")
     for layer in model.model.layers:
         a = layer.self_attn
         for lin, n_old, n_new in ((a.q_proj, old_h, heads), (a.k_proj, old_kv, kv_heads), (a.v_proj, old_kv, kv_heads)):
@@ -48,18 +55,34 @@ def pad_heads(src: str, dst: Path, heads: int, kv_heads: int) -> Path:
         w[:, : old_h * d] = a.o_proj.weight
         a.o_proj.weight = torch.nn.Parameter(w)
         a.o_proj.in_features = heads * d
+        a.num_key_value_groups = heads // kv_heads
     cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim = heads, kv_heads, d
     model.save_pretrained(dst)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
     return dst
 
 
-def generate(model: str, prompts: list[list[int]], tp: int, quantization: str | None, new_tokens: int):
+@torch.no_grad()
+def padding_error(src: str, padded: Path, prompts: list[list[int]]) -> float:
+    """Max |logit difference| between the unpadded and padded model (fp32, transformers)."""
+    from transformers import AutoModelForCausalLM
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ids = torch.tensor(prompts[:4], device=dev)
+    logits = []
+    for path in (src, padded):
+        m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
+        logits.append(m(ids).logits.float())
+        del m
+    return (logits[0] - logits[1]).abs().max().item()
+
+
+def generate(model: str, prompts: list[list[int]], tp: int, quantization: str | None, new_tokens: int, eager: bool):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=model, quantization=quantization, tensor_parallel_size=tp, max_model_len=1024,
-              gpu_memory_utilization=0.3, enable_prefix_caching=False, seed=0)
+              gpu_memory_utilization=0.3, enable_prefix_caching=False, seed=0, enforce_eager=eager)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, prompt_logprobs=0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
@@ -68,6 +91,26 @@ def generate(model: str, prompts: list[list[int]], tp: int, quantization: str | 
     gc.collect()
     torch.cuda.empty_cache()
     return tokens, lps
+
+
+def compare(a, b) -> dict:
+    """Greedy agreement and prompt-logprob difference of two runs (tokens, logprobs)."""
+    (t1, l1), (t2, l2) = a, b
+    first_diff = [next((i for i, (p, q) in enumerate(zip(u, v)) if p != q), None) for u, v in zip(t1, t2)]
+    return {"greedy_sequences_equal": f"{sum(u == v for u, v in zip(t1, t2))}/{len(t1)}",
+            "greedy_tokens_equal": f"{sum(p == q for u, v in zip(t1, t2) for p, q in zip(u, v))}/{sum(map(len, t1))}",
+            "first_divergence_position": first_diff,
+            "mean_abs_prompt_logprob_diff": (l1 - l2).abs().mean().item(),
+            "max_abs_prompt_logprob_diff": (l1 - l2).abs().max().item()}
+
+
+PAIRS = {  # what the record compares: (run, run)
+    "sq_tp2_vs_sq_tp1": ("sq_tp2", "sq_tp1"),
+    "sq_tp2_vs_stock_w8a8_tp2": ("sq_tp2", "stock_w8a8_tp2"),
+    "sq_static_tp2_vs_sq_static_tp1": ("sq_static_tp2", "sq_static_tp1"),
+    "fp_tp2_vs_fp_tp1": ("fp_tp2", "fp_tp1"),
+    "sq_tp1_vs_fp_tp1": ("sq_tp1", "fp_tp1"),
+}
 
 
 def main() -> int:
@@ -82,44 +125,46 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--compile", action="store_true", help="vLLM defaults (torch.compile + CUDA graphs) instead of eager")
     a = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="sq-tp-"))
     src = str(assets.smollm2_dir())
-    padded = pad_heads(src, work / "padded", heads=12, kv_heads=4)
-    sq, ct = work / "sq", work / "ct"
-    qcmd = [CLI, "quantize", str(padded), str(sq), "--calib", str(assets.calibration_text()), "--num-samples", "32",
-            "--device", "cuda"]
-    subprocess.run(qcmd, check=True)
-    subprocess.run([CLI, "convert", str(sq), str(ct)], check=True)
     tok = AutoTokenizer.from_pretrained(src)
     prompts = token_windows(assets.heldout_text(), tok, a.prompts, a.prompt_len)
-
-    runs = {
-        "fp_unpadded_tp1": (src, 1, None), "fp_padded_tp1": (str(padded), 1, None),
-        "sq_tp1": (str(sq), 1, "smoothquant"), "sq_tp2": (str(sq), 2, "smoothquant"), "stock_w8a8_tp2": (str(ct), 2, None),
-    }
-    res = {k: generate(m, prompts, tp, q, a.new_tokens) for k, (m, tp, q) in runs.items()}
-
-    def cmp(x, y):
-        (t1, l1), (t2, l2) = res[x], res[y]
-        return {"greedy_sequences_equal": f"{sum(u == v for u, v in zip(t1, t2))}/{len(prompts)}",
-                "greedy_tokens_equal": f"{sum(p == q for u, v in zip(t1, t2) for p, q in zip(u, v))}/{sum(map(len, t1))}",
-                "mean_abs_prompt_logprob_diff": (l1 - l2).abs().mean().item(),
-                "max_abs_prompt_logprob_diff": (l1 - l2).abs().max().item()}
-
+    padded = pad_heads(src, work / "padded", heads=12, kv_heads=4)
     record = {
         "device": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}", "vllm": vllm.__version__,
-        "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-        "model": "SmolLM2-135M-Instruct padded to 12 q / 4 kv heads (exact)", "quantize_command": " ".join(qcmd[1:]),
+        "torch": torch.__version__, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+        "model": "SmolLM2-135M-Instruct padded to 12 q / 4 kv heads", "enforce_eager": not a.compile,
         "prompts": len(prompts), "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
-        "padded_vs_unpadded_fp": cmp("fp_padded_tp1", "fp_unpadded_tp1"),
-        "sq_tp2_vs_sq_tp1": cmp("sq_tp2", "sq_tp1"),
-        "sq_tp2_vs_stock_w8a8_tp2": cmp("sq_tp2", "stock_w8a8_tp2"),
-        "sq_tp1_vs_fp_tp1": cmp("sq_tp1", "fp_padded_tp1"),
+        "padded_vs_unpadded_max_abs_logit_diff_fp32": padding_error(src, padded, prompts),
     }
+    base = [CLI, "quantize", str(padded), "--calib", str(assets.calibration_text()), "--num-samples", "32",
+            "--device", "cuda"]
+    sq, sq_static, ct = work / "sq", work / "sq-static", work / "ct"
+    for out, extra in ((sq, []), (sq_static, ["--activations", "static"])):
+        cmd = base[:3] + [str(out)] + base[3:] + extra
+        subprocess.run(cmd, check=True)
+        record[f"quantize_command_{out.name}"] = " ".join(["vllm-smoothquant", *cmd[1:]])
+    subprocess.run([CLI, "convert", str(sq), str(ct)], check=True)
+
+    runs = {
+        "fp_tp1": (str(padded), 1, None), "fp_tp2": (str(padded), 2, None),
+        "sq_tp1": (str(sq), 1, "smoothquant"), "sq_tp2": (str(sq), 2, "smoothquant"),
+        "stock_w8a8_tp2": (str(ct), 2, None),
+        "sq_static_tp1": (str(sq_static), 1, "smoothquant"), "sq_static_tp2": (str(sq_static), 2, "smoothquant"),
+    }
+    res, record["engine_seconds"] = {}, {}
+    for name, (model, tp, quant) in runs.items():
+        t0 = time.perf_counter()
+        res[name] = generate(model, prompts, tp, quant, a.new_tokens, eager=not a.compile)
+        record["engine_seconds"][name] = round(time.perf_counter() - t0, 1)
+        for key, (x, y) in PAIRS.items():
+            if x in res and y in res:
+                record[key] = compare(res[x], res[y])
+        Path(a.out).write_text(json.dumps(record, indent=2))
+        print(f"[tp_check] {name} done in {record['engine_seconds'][name]} s", flush=True)
     print(json.dumps(record, indent=2))
-    Path(a.out).write_text(json.dumps(record, indent=2))
-    shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
