@@ -18,6 +18,7 @@ import argparse
 import datetime
 import gc
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -77,25 +78,86 @@ def padding_error(src: str, padded: Path, prompts: list[list[int]]) -> float:
     return (logits[0] - logits[1]).abs().max().item()
 
 
-def generate(model: str, prompts: list[list[int]], tp: int, quantization: str | None, new_tokens: int, eager: bool):
+LAYERS = (0, 15, 29)  # decoder layers whose loaded int8 shards are compared
+
+
+def linear_shards(model: torch.nn.Module) -> dict[str, dict[str, torch.Tensor]]:
+    """This rank's loaded quantized tensors of the linears in ``LAYERS``, weights as ``[out, in]``.
+
+    Runs inside each vLLM worker (``LLM.apply_model``); the kernel may store the weight transposed.
+    """
+    from vllm.model_executor.layers.linear import LinearBase
+
+    keep = tuple(f"layers.{i}." for i in LAYERS)
+    out = {}
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)  # vLLM's CPU (oneDNN) kernel packs it away: nothing to compare there
+        if not isinstance(m, LinearBase) or not any(k in name for k in keep) or w is None or w.dtype != torch.int8:
+            continue
+        if w.shape[0] != m.output_size_per_partition or w.shape[1] != m.input_size_per_partition:
+            w = w.t()
+        out[name] = {"weight": w.contiguous().cpu(), "weight_scale": m.weight_scale.detach().flatten().cpu()}
+        if getattr(m, "input_scale", None) is not None:
+            out[name]["input_scale"] = m.input_scale.detach().flatten().cpu()
+    return out
+
+
+def shard_check(tp1: dict, ranks: list[dict], heads: int, kv_heads: int, head_dim: int) -> dict:
+    """Do the TP ranks hold exactly the slices of the TP=1 tensors that vLLM's sharding prescribes?
+
+    Column-parallel (qkv_proj: [q | k | v] per rank, gate_up_proj: [gate | up] per rank) split output
+    rows and their scales; row-parallel (o_proj, down_proj) split input columns and keep all scales.
+    """
+    n = len(ranks)
+    checked, mismatched = 0, []
+    for name, full in tp1.items():
+        w = full["weight"]
+        for r, shard in enumerate(ranks):
+            if name.endswith(("o_proj", "down_proj")):
+                cols = w.shape[1] // n
+                want = {"weight": w[:, r * cols:(r + 1) * cols], "weight_scale": full["weight_scale"]}
+            else:
+                if name.endswith("qkv_proj"):
+                    q, kv = heads * head_dim, kv_heads * head_dim
+                    parts = [(0, q), (q, kv), (q + kv, kv)]
+                else:  # gate_up_proj: [gate | up]
+                    half = w.shape[0] // 2
+                    parts = [(0, half), (half, half)]
+                rows = torch.cat([torch.arange(o + r * size // n, o + (r + 1) * size // n) for o, size in parts])
+                want = {"weight": w[rows], "weight_scale": full["weight_scale"][rows]}
+            if "input_scale" in full:
+                want["input_scale"] = full["input_scale"]
+            for key, t in want.items():
+                checked += 1
+                if key not in shard[name] or not torch.equal(shard[name][key], t):
+                    mismatched.append(f"rank{r}:{name}.{key}")
+    return {"tensors_compared": checked, "bit_identical": checked > 0 and not mismatched, "mismatched": mismatched[:10],
+            "layers": list(LAYERS)}
+
+
+def generate(model: str, prompts: list[list[int]], tp: int, quantization: str | None, new_tokens: int, eager: bool,
+             max_num_seqs: int):
+    """Greedy tokens, prompt logprobs and (quantized models) every rank's ``linear_shards``."""
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     llm = LLM(model=model, quantization=quantization, tensor_parallel_size=tp, max_model_len=1024,
-              gpu_memory_utilization=0.3, enable_prefix_caching=False, seed=0, enforce_eager=eager)
+              gpu_memory_utilization=0.3, enable_prefix_caching=False, seed=0, enforce_eager=eager,
+              max_num_seqs=max_num_seqs)
     params = SamplingParams(max_tokens=new_tokens, temperature=0.0, prompt_logprobs=0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     lps = torch.tensor([[o.prompt_logprobs[t][p[t]].logprob for t in range(1, len(p))] for o, p in zip(outs, prompts)])
+    shards = llm.apply_model(linear_shards) if quantization else None
     del llm
     gc.collect()
     torch.cuda.empty_cache()
-    return tokens, lps
+    return tokens, lps, shards
 
 
 def compare(a, b) -> dict:
     """Greedy agreement and prompt-logprob difference of two runs (tokens, logprobs)."""
-    (t1, l1), (t2, l2) = a, b
+    (t1, l1, _), (t2, l2, _) = a, b
     first_diff = [next((i for i, (p, q) in enumerate(zip(u, v)) if p != q), None) for u, v in zip(t1, t2)]
     return {"greedy_sequences_equal": f"{sum(u == v for u, v in zip(t1, t2))}/{len(t1)}",
             "greedy_tokens_equal": f"{sum(p == q for u, v in zip(t1, t2) for p, q in zip(u, v))}/{sum(map(len, t1))}",
@@ -126,7 +188,12 @@ def main() -> int:
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--compile", action="store_true", help="vLLM defaults (torch.compile + CUDA graphs) instead of eager")
+    p.add_argument("--max-num-seqs", type=int, default=1,
+                   help="1 (default): every decode step has batch 1 in every engine, so runs differ only by TP and "
+                        "quantization, not by how the scheduler happened to batch requests")
+    p.add_argument("--no-static", action="store_true", help="skip the static-activation pair")
     a = p.parse_args()
+    os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model ships linear_shards
     work = Path(tempfile.mkdtemp(prefix="sq-tp-"))
     src = str(assets.smollm2_dir())
     tok = AutoTokenizer.from_pretrained(src)
@@ -136,13 +203,13 @@ def main() -> int:
         "device": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}", "vllm": vllm.__version__,
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
         "model": "SmolLM2-135M-Instruct padded to 12 q / 4 kv heads", "enforce_eager": not a.compile,
-        "prompts": len(prompts), "prompt_len": a.prompt_len, "new_tokens": a.new_tokens,
+        "prompts": len(prompts), "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "max_num_seqs": a.max_num_seqs,
         "padded_vs_unpadded_max_abs_logit_diff_fp32": padding_error(src, padded, prompts),
     }
     base = [CLI, "quantize", str(padded), "--calib", str(assets.calibration_text()), "--num-samples", "32",
             "--device", "cuda"]
     sq, sq_static, ct = work / "sq", work / "sq-static", work / "ct"
-    for out, extra in ((sq, []), (sq_static, ["--activations", "static"])):
+    for out, extra in ((sq, []), (sq_static, ["--activations", "static"]))[: 1 if a.no_static else 2]:
         cmd = base[:3] + [str(out)] + base[3:] + extra
         subprocess.run(cmd, check=True)
         record[f"quantize_command_{out.name}"] = " ".join(["vllm-smoothquant", *cmd[1:]])
@@ -152,16 +219,20 @@ def main() -> int:
         "fp_tp1": (str(padded), 1, None), "fp_tp2": (str(padded), 2, None),
         "sq_tp1": (str(sq), 1, "smoothquant"), "sq_tp2": (str(sq), 2, "smoothquant"),
         "stock_w8a8_tp2": (str(ct), 2, None),
-        "sq_static_tp1": (str(sq_static), 1, "smoothquant"), "sq_static_tp2": (str(sq_static), 2, "smoothquant"),
     }
+    if not a.no_static:
+        runs |= {"sq_static_tp1": (str(sq_static), 1, "smoothquant"), "sq_static_tp2": (str(sq_static), 2, "smoothquant")}
     res, record["engine_seconds"] = {}, {}
     for name, (model, tp, quant) in runs.items():
         t0 = time.perf_counter()
-        res[name] = generate(model, prompts, tp, quant, a.new_tokens, eager=not a.compile)
+        res[name] = generate(model, prompts, tp, quant, a.new_tokens, not a.compile, a.max_num_seqs)
         record["engine_seconds"][name] = round(time.perf_counter() - t0, 1)
         for key, (x, y) in PAIRS.items():
             if x in res and y in res:
                 record[key] = compare(res[x], res[y])
+        for kind in ("sq", "sq_static"):
+            if name == f"{kind}_tp2" and f"{kind}_tp1" in res:
+                record[f"{kind}_tp2_shards_vs_tp1"] = shard_check(res[f"{kind}_tp1"][2][0], res[name][2], 12, 4, 64)
         Path(a.out).write_text(json.dumps(record, indent=2))
         print(f"[tp_check] {name} done in {record['engine_seconds'][name]} s", flush=True)
     print(json.dumps(record, indent=2))
