@@ -17,7 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("fp16", "stock_w8a8", "smoothquant")
 METRIC = {"vllm bench throughput": "tok_s", "vllm bench latency": "latency_s", "vllm bench serve": "output_tok_s"}
-EXTRA = ("output_tok_s", "kv_cache_tokens", "model_load_gib", "mean_ttft_ms", "mean_tpot_ms")
+EXTRA = ("latency_p50_s", "output_tok_s", "kv_cache_tokens", "model_load_gib", "mean_ttft_ms", "mean_tpot_ms")
 
 
 def pivot(rows: list[dict]) -> list[dict]:
@@ -37,7 +37,8 @@ def pivot(rows: list[dict]) -> list[dict]:
                         row[f"{v}_{k}"] = by_variant[v][k]
                 row[f"{v}_command"] = by_variant[v]["command"]
         out.append(row)
-    return out
+    batch = lambda r: int(m.group(1)) if (m := re.search(r"batch (\d+)", r["workload"])) else 0
+    return sorted(out, key=lambda r: (r["tool"], batch(r)))
 
 
 def _ratio(row, a, b):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import gc
+import importlib
 import json
 import os
 import subprocess
@@ -148,7 +149,8 @@ def generate(model: str, prompts: list[list[int]], tp: int, quantization: str | 
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
     tokens = [list(o.outputs[0].token_ids) for o in outs]
     lps = torch.tensor([[o.prompt_logprobs[t][p[t]].logprob for t in range(1, len(p))] for o, p in zip(outs, prompts)])
-    shards = llm.apply_model(linear_shards) if quantization else None
+    # by module name, not __main__: the workers unpickle it by importing benchmarks/tp_check.py
+    shards = llm.apply_model(importlib.import_module("tp_check").linear_shards) if quantization else None
     del llm
     gc.collect()
     torch.cuda.empty_cache()
@@ -192,6 +194,7 @@ def main() -> int:
                    help="1 (default): every decode step has batch 1 in every engine, so runs differ only by TP and "
                         "quantization, not by how the scheduler happened to batch requests")
     p.add_argument("--no-static", action="store_true", help="skip the static-activation pair")
+    p.add_argument("--skip", default="", help="comma-separated runs to leave out, e.g. fp_tp1,fp_tp2")
     a = p.parse_args()
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # LLM.apply_model ships linear_shards
     work = Path(tempfile.mkdtemp(prefix="sq-tp-"))
@@ -222,6 +225,7 @@ def main() -> int:
     }
     if not a.no_static:
         runs |= {"sq_static_tp1": (str(sq_static), 1, "smoothquant"), "sq_static_tp2": (str(sq_static), 2, "smoothquant")}
+    runs = {k: v for k, v in runs.items() if k not in a.skip.split(",")}
     res, record["engine_seconds"] = {}, {}
     for name, (model, tp, quant) in runs.items():
         t0 = time.perf_counter()
