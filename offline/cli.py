@@ -54,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", required=True, help=".txt (plain text, cut into windows) or .jsonl (field 'text')")
     q.add_argument("--num-samples", type=_positive, default=128, help="calibration windows (default 128)")
     q.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
+    q.add_argument("--batch-size", type=_positive, default=1,
+                   help="calibration windows of equal length per forward (default 1; more costs activation memory)")
     q.add_argument("--alpha", type=_alpha, default=None, help="migration strength in [0, 1], or 'auto' (searched per group); default: per family")
     q.add_argument("--no-smooth", action="store_true", help="naive W8A8 baseline: same quantization, no migration")
     q.add_argument(
@@ -107,6 +109,7 @@ def _quantize(args) -> int:
         activation_overrides=dict(_override(v) for v in args.activation_override),
         num_samples=args.num_samples,
         seq_len=args.seq_len,
+        batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
     )

@@ -42,6 +42,7 @@ class QuantizeOptions:
     activations: str = "token"  # token (dynamic per token) | static (calibrated per tensor)
     num_samples: int = 128
     seq_len: int = 512
+    batch_size: int = 1  # calibration windows per forward (memory: batch_size x seq_len activations per layer)
     device: str = "cpu"
     dtype: str = "bfloat16"
     ignore: tuple[str, ...] = ("lm_head",)
@@ -63,6 +64,8 @@ class QuantizeOptions:
                                    "e.g. down_proj=token.")
         if self.num_samples < 1 or self.seq_len < 2:
             raise OptionsError("--num-samples must be >= 1 and --seq-len >= 2.")
+        if self.batch_size < 1:
+            raise OptionsError(f"--batch-size {self.batch_size}: use 1 or more windows per forward.")
         if self.dtype not in ("bfloat16", "float16"):
             raise OptionsError(f"--dtype {self.dtype!r}: use bfloat16 or float16.")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -250,8 +253,8 @@ def quantize(
     # Naive W8A8 with dynamic activations uses no statistics: skip the forward passes.
     any_static = opts.activations == "static" or "static" in opts.activation_overrides.values()
     needs_stats = bool(groups) or any_static
-    inputs = capture_layer_inputs(model, layers, windows, opts.device, compute, mapping.layer_returns_tuple) \
-        if needs_stats else None
+    inputs = capture_layer_inputs(model, layers, windows, opts.device, compute, mapping.layer_returns_tuple,
+                                  opts.batch_size) if needs_stats else None
     rows = AUTO_ALPHA_ROWS if alpha == "auto" and groups else 0
 
     prefix = f"{mapping.layers}."
@@ -267,7 +270,7 @@ def quantize(
         absmax: dict[str, torch.Tensor] = {}
         samples = None
         if needs_stats:
-            with record_inputs(linears, rows, len(windows)) as (absmax, samples):
+            with record_inputs(linears, rows, len(inputs.hidden)) as (absmax, samples):
                 run_layer(layer, inputs.hidden, inputs.kwargs[i])
         after, layer_reports = smooth_layer(layer, i, groups, absmax, alpha, heads, samples, schemes, opts.weights)
         reports += layer_reports

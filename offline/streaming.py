@@ -4,7 +4,9 @@
    catcher that records its call (hidden states and keyword arguments: attention mask, rotary
    position embeddings, ...) and passes the hidden states through. So each layer gets exactly
    the arguments the model's own forward would give it, per layer (sliding/full masks differ).
-2. :func:`run_layer` pushes the recorded hidden states of all windows through one layer.
+   Windows of equal length go through in batches of ``batch_size``, so each layer runs a few large
+   forwards instead of one small forward per window.
+2. :func:`run_layer` pushes the recorded hidden states of all batches through one layer.
 
 With the layer's output as the next layer's input, only one decoder layer at a time needs to be
 on the compute device in the compute dtype; the rest of the model stays in its storage dtype.
@@ -23,8 +25,16 @@ from .quantization import fake_quant_activations
 
 @dataclass
 class LayerInputs:
-    hidden: list[torch.Tensor]  # per window: [1, seq, hidden]
-    kwargs: list[list[dict]]  # [layer][window]: keyword arguments of that layer's call
+    hidden: list[torch.Tensor]  # per batch: [windows in the batch, seq, hidden]
+    kwargs: list[list[dict]]  # [layer][batch]: keyword arguments of that layer's call
+
+
+def batches(windows: list[list[int]], batch_size: int) -> list[list[list[int]]]:
+    """Windows grouped by length (a batch needs no padding), at most ``batch_size`` per batch, in order."""
+    by_len: dict[int, list[list[int]]] = {}
+    for w in windows:
+        by_len.setdefault(len(w), []).append(w)
+    return [ws[i:i + batch_size] for ws in by_len.values() for i in range(0, len(ws), batch_size)]
 
 
 class _Catcher(nn.Module):
@@ -41,8 +51,9 @@ class _Catcher(nn.Module):
 
 @torch.no_grad()
 def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[list[int]],
-                         device: str | torch.device, dtype: torch.dtype, returns_tuple: bool = False) -> LayerInputs:
-    """Layer 0's hidden states per window and every layer's keyword arguments.
+                         device: str | torch.device, dtype: torch.dtype, returns_tuple: bool = False,
+                         batch_size: int = 1) -> LayerInputs:
+    """Layer 0's hidden states per batch of windows (see :func:`batches`) and every layer's keyword arguments.
 
     ``returns_tuple``: the model's layers return ``(hidden_states, ...)`` (BLOOM, Falcon), so the
     catchers do too.
@@ -60,8 +71,8 @@ def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[
         layers[i] = first if i == 0 else _Catcher(calls[i], returns_tuple)
     try:
         to_compute(model, device, dtype)  # the catchers hold no weights: only the non-layer modules move
-        for w in windows:
-            model.base_model(torch.tensor([w], device=device), use_cache=False)
+        for batch in batches(windows, batch_size):
+            model.base_model(torch.tensor(batch, device=device), use_cache=False)
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
@@ -84,20 +95,21 @@ def _as_hidden(out) -> torch.Tensor:
 
 @torch.no_grad()
 def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    """The layer's output hidden states for every window."""
+    """The layer's output hidden states for every batch."""
     return [_as_hidden(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
 
 
 @contextmanager
-def record_inputs(linears: dict[str, nn.Linear], sample_rows: int = 0, num_windows: int = 1):
+def record_inputs(linears: dict[str, nn.Linear], sample_rows: int = 0, num_calls: int = 1):
     """Record ``{name: max|X| per input channel [in] float32}`` of each linear's input while active.
 
     With ``sample_rows > 0`` also ``{name: [<= sample_rows, in]}`` input rows, drawn evenly from
-    every window (for ``--alpha auto``). Yields ``(absmax, samples)``, filled as the layer runs.
+    each of the layer's ``num_calls`` calls (one per batch; for ``--alpha auto``). Yields
+    ``(absmax, samples)``, filled as the layer runs.
     """
     absmax: dict[str, torch.Tensor] = {}
     samples: dict[str, list[torch.Tensor]] = {}
-    per_window = -(-sample_rows // num_windows) if sample_rows else 0
+    per_call = -(-sample_rows // num_calls) if sample_rows else 0
     g = torch.Generator().manual_seed(0)
 
     def hook(name):
@@ -106,8 +118,8 @@ def record_inputs(linears: dict[str, nn.Linear], sample_rows: int = 0, num_windo
             x = x.reshape(-1, x.shape[-1])
             m = x.abs().amax(dim=0).float()
             absmax[name] = torch.maximum(absmax[name], m) if name in absmax else m
-            if per_window:
-                idx = torch.randperm(x.shape[0], generator=g)[:per_window].to(x.device)
+            if per_call:
+                idx = torch.randperm(x.shape[0], generator=g)[:per_call].to(x.device)
                 samples.setdefault(name, []).append(x[idx].float())
 
         return fn

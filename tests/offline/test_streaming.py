@@ -5,7 +5,13 @@ from tiny_models import ARCHS, tiny_model
 
 from vllm_smoothquant.offline.mappings import mapping_for
 from vllm_smoothquant.offline.pipeline import layer_linears
-from vllm_smoothquant.offline.streaming import capture_layer_inputs, quantized_activations, record_inputs, run_layer
+from vllm_smoothquant.offline.streaming import (
+    batches,
+    capture_layer_inputs,
+    quantized_activations,
+    record_inputs,
+    run_layer,
+)
 
 ARCH_IDS = lambda a: a.removesuffix("ForCausalLM")  # noqa: E731
 
@@ -14,10 +20,11 @@ def _windows():
     return torch.randint(3, 512, (3, 40), generator=torch.Generator().manual_seed(2)).tolist()
 
 
+@pytest.mark.parametrize("batch_size", [1, 2], ids=["batch1", "batch2"])
 @pytest.mark.parametrize("arch", ARCHS, ids=ARCH_IDS)
-def test_layer_by_layer_reproduces_the_model_and_its_statistics(arch):
+def test_layer_by_layer_reproduces_the_model_and_its_statistics(arch, batch_size):
     """Captured layer arguments replayed layer by layer give the model's own last-layer output and the
-    same per-channel input absmax as one whole-model forward."""
+    same per-channel input absmax as one whole-model forward, one window per forward or batched."""
     model = tiny_model(arch, layers=3)
     mapping = mapping_for(model.config)
     layers = model.get_submodule(mapping.layers)
@@ -27,8 +34,10 @@ def test_layer_by_layer_reproduces_the_model_and_its_statistics(arch):
     want_absmax = input_absmax(model, torch.tensor(windows))
     h.remove()
 
-    inputs = capture_layer_inputs(model, layers, windows, "cpu", torch.float32, mapping.layer_returns_tuple)
+    inputs = capture_layer_inputs(model, layers, windows, "cpu", torch.float32, mapping.layer_returns_tuple,
+                                  batch_size)
     hidden = inputs.hidden
+    assert [h.shape[0] for h in hidden] == ([1, 1, 1] if batch_size == 1 else [2, 1])
     for i, layer in enumerate(layers):
         with record_inputs(layer_linears(layer)) as (absmax, _):
             hidden = run_layer(layer, hidden, inputs.kwargs[i])
@@ -37,10 +46,16 @@ def test_layer_by_layer_reproduces_the_model_and_its_statistics(arch):
     torch.testing.assert_close(torch.cat(hidden), want_out[0], rtol=1e-5, atol=1e-5)
 
 
-def test_samples_are_drawn_from_every_window():
+def test_batches_group_equal_lengths_in_order():
+    ws = [[1] * 4, [2] * 3, [3] * 4, [4] * 4, [5] * 3]
+    assert batches(ws, 2) == [[[1] * 4, [3] * 4], [[4] * 4], [[2] * 3, [5] * 3]]
+    assert batches(ws, 8) == [[[1] * 4, [3] * 4, [4] * 4], [[2] * 3, [5] * 3]]
+
+
+def test_samples_are_drawn_from_every_call():
     lin = torch.nn.Linear(8, 4)
     xs = [torch.full((1, 10, 8), float(k)) for k in range(4)]
-    with record_inputs({"lin": lin}, sample_rows=8, num_windows=4) as (absmax, samples):
+    with record_inputs({"lin": lin}, sample_rows=8, num_calls=4) as (absmax, samples):
         for x in xs:
             lin(x)
     assert samples["lin"].shape == (8, 8)
