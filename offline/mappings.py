@@ -20,6 +20,7 @@ class SmoothGroup:
     # prev is v_proj feeding o_proj through attention: with GQA one kv head serves several
     # query heads, so s must be equal across the query heads that share a kv head.
     attention_heads: bool = False
+    norm_offset: float = 0.0  # prev is a norm computing x_hat * (norm_offset + weight): Gemma's RMSNorm uses 1
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,18 @@ _FALCON = ArchMapping(
     layer_returns_tuple=True,
 )
 
+# Gemma: RMSNorm computes x_hat * (1 + w), so folding stores (1 + w) / s - 1 (smoothing.apply_smoothing);
+# GELU(gate) * up is linear in up, so up -> down is exact as for Llama.
+_GEMMA = ArchMapping(
+    layers="model.layers",
+    groups=(
+        SmoothGroup("qkv", "input_layernorm", _LLAMA.groups[0].linears, norm_offset=1.0),
+        SmoothGroup("gate_up", "post_attention_layernorm", _LLAMA.groups[1].linears, norm_offset=1.0),
+        *_LLAMA.groups[2:],  # v -> o, up -> down
+    ),
+    default_alpha=0.8,
+)
+
 MAPPINGS: dict[str, ArchMapping] = {
     "OPTForCausalLM": _OPT,
     "LlamaForCausalLM": _LLAMA,
@@ -92,6 +105,7 @@ MAPPINGS: dict[str, ArchMapping] = {
     "Phi3ForCausalLM": _PHI3,
     "BloomForCausalLM": _BLOOM,
     "FalconForCausalLM": _FALCON,  # parallel_attn with a single layernorm (7B-style); see mapping_for
+    "GemmaForCausalLM": _GEMMA,  # Gemma 1 only: Gemma 2/3 add post-attention/pre-feedforward norms
 }
 
 

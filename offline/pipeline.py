@@ -20,7 +20,14 @@ from .export import check_output_dir, directory_size, write_checkpoint
 from .mappings import ArchMapping, SmoothGroup, mapping_for
 from .quantization import quantize_weight, static_input_scale
 from .streaming import capture_layer_inputs, quantized_activations, record_inputs, run_layer, to_compute
-from .smoothing import apply_smoothing, repeat_for_query_heads, share_across_query_heads, smoothing_scales, weight_absmax
+from .smoothing import (
+    apply_smoothing,
+    repeat_for_query_heads,
+    share_across_query_heads,
+    smoothing_scales,
+    storable_norm_scales,
+    weight_absmax,
+)
 
 AUTO_ALPHA_ROWS = 512  # input rows per group kept for --alpha auto
 
@@ -173,6 +180,7 @@ def smooth_layer(
     samples: dict[str, torch.Tensor] | None = None,
     schemes: dict[str, str] | None = None,
     weights: str = "channel",
+    storage: torch.dtype | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[GroupReport]]:
     """Apply smoothing to one decoder layer in place; return its linears' input absmax after smoothing.
 
@@ -194,7 +202,10 @@ def smooth_layer(
                 [lin.weight for lin in linears], a, schemes[g.linears[0]], weights,
             )
         s_prev, s_in = _group_scales(a, w, group_alpha, g, *heads)
-        apply_smoothing(layer.get_submodule(g.prev), linears, s_prev, s_in)
+        prev = layer.get_submodule(g.prev)
+        if storage is not None and not isinstance(prev, nn.Linear):
+            s_prev = s_in = storable_norm_scales(prev.weight, s_prev.to(prev.weight.device), g.norm_offset, storage)
+        apply_smoothing(prev, linears, s_prev, s_in, g.norm_offset)
         for n in g.linears:
             after[n] = act_absmax[n] / s_in.to(act_absmax[n].device)
         reports.append(GroupReport(index, g.name, group_alpha, float(a.max()), float(after[g.linears[0]].max())))
@@ -272,7 +283,8 @@ def quantize(
         if needs_stats:
             with record_inputs(linears, rows, len(inputs.hidden)) as (absmax, samples):
                 run_layer(layer, inputs.hidden, inputs.kwargs[i])
-        after, layer_reports = smooth_layer(layer, i, groups, absmax, alpha, heads, samples, schemes, opts.weights)
+        after, layer_reports = smooth_layer(layer, i, groups, absmax, alpha, heads, samples, schemes, opts.weights,
+                                            dtype)
         reports += layer_reports
         for name, lin in linears.items():
             q, scale = quantize_weight(lin.weight, opts.weights)

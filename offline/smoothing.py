@@ -9,7 +9,8 @@ For a group of linears that share one input X (``[tokens, in]``) produced by ``p
 
 Conventions: ``act_absmax: [in]`` is the per-channel max of |X| over the calibration set;
 a channel whose activation or weight max is 0 gets s = 1 (nothing to migrate); s is clamped
-to [1e-5, 1e5] so folding never overflows a 16-bit norm weight.
+to [1e-5, 1e5] so folding never overflows a 16-bit norm weight. A norm computes
+``x_hat * (offset + weight)`` (offset 0, or 1 for Gemma); its folded weight is ``(offset + w) / s - offset``.
 """
 
 from __future__ import annotations
@@ -53,15 +54,35 @@ def repeat_for_query_heads(s_kv: torch.Tensor, num_heads: int, num_kv_heads: int
 
 
 @torch.no_grad()
-def apply_smoothing(prev: nn.Module, linears: list[nn.Linear], s_prev: torch.Tensor, s_in: torch.Tensor) -> None:
+def storable_norm_scales(weight: torch.Tensor, s: torch.Tensor, offset: float, storage: torch.dtype) -> torch.Tensor:
+    """s' close to ``s`` (``[C]``) whose folded norm weight is exactly representable in ``storage``.
+
+    The norm's gain g = offset + w becomes g / s, stored as w' = round_storage(g / s - offset); the
+    fold is exact only if the linears get s' = g / (offset + w') instead of s. With offset 1 (Gemma)
+    this matters: g / s - 1 lies near -1 for large s, where bf16's absolute spacing is a large share of
+    g / s. A channel whose rounded gain would flip sign or vanish is left unsmoothed (s' = 1); a
+    channel with g = 0 is dead (its output is 0) and keeps s.
+    """
+    g = weight.float() + offset
+    stored = (g / s - offset).to(storage).to(weight.dtype).float()
+    g_new = stored + offset
+    ok = (g_new != 0) & (torch.sign(g_new) == torch.sign(g))
+    return torch.where(g == 0, s, torch.where(ok, g / torch.where(ok, g_new, 1.0), torch.ones_like(s)))
+
+
+@torch.no_grad()
+def apply_smoothing(prev: nn.Module, linears: list[nn.Linear], s_prev: torch.Tensor, s_in: torch.Tensor,
+                    norm_offset: float = 0.0) -> None:
     """Fold s into the model in place: prev's output channels / s_prev, linears' input columns * s_in.
 
-    ``prev`` is a LayerNorm/RMSNorm (``weight [C]``, optional ``bias [C]``) or a Linear
-    (``weight [C, in_prev]``, optional ``bias [C]``): both divide along dim 0. ``s_in`` is
+    ``prev`` is a LayerNorm/RMSNorm (``weight [C]``, optional ``bias [C]``; gain ``norm_offset + weight``)
+    or a Linear (``weight [C, in_prev]``, optional ``bias [C]``): both divide along dim 0. ``s_in`` is
     ``s_prev`` itself, or its repetition over query heads when prev is v_proj under GQA.
     """
     shape = (-1,) + (1,) * (prev.weight.dim() - 1)
-    prev.weight.copy_((prev.weight.float() / s_prev.view(shape)).to(prev.weight.dtype))
+    offset = 0.0 if isinstance(prev, nn.Linear) else norm_offset
+    folded = (prev.weight.float() + offset) / s_prev.view(shape) - offset
+    prev.weight.copy_(folded.to(prev.weight.dtype))
     if getattr(prev, "bias", None) is not None:
         prev.bias.copy_((prev.bias.float() / s_prev).to(prev.bias.dtype))
     for lin in linears:

@@ -133,13 +133,14 @@ def test_malformed_checkpoint_fails_at_load_naming_the_tensor(ckpts, tmp_path, h
 
 
 FAMILIES = ["MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "BloomForCausalLM",
-            "FalconForCausalLM"]
+            "FalconForCausalLM", "GemmaForCausalLM"]
 
 
 @pytest.mark.parametrize("arch", FAMILIES, ids=lambda a: a.removesuffix("ForCausalLM"))
 def test_more_families_serve_with_all_smoothing_pairs(arch, tmp_path):
     """Mistral, Qwen2 (qkv bias), Qwen3 (q/k norms): every pair (incl. v->o, up->down) smoothed by default;
-    Phi-3: fused qkv_proj / gate_up_proj in the checkpoint, split into vLLM's fused layers by its loader."""
+    Phi-3: fused qkv_proj / gate_up_proj in the checkpoint, split into vLLM's fused layers by its loader;
+    Gemma: norms with gain 1 + w, folded in bf16 storage exactly (storable_norm_scales)."""
     from vllm import LLM
 
     from vllm_smoothquant.linear_method import quant_methods

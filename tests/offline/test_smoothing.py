@@ -5,7 +5,7 @@ from tiny_models import ARCHS, tiny_model
 
 from vllm_smoothquant.offline.mappings import mapping_for
 from vllm_smoothquant.offline.pipeline import attention_heads, select_groups, smooth_layer
-from vllm_smoothquant.offline.smoothing import apply_smoothing, smoothing_scales, weight_absmax
+from vllm_smoothquant.offline.smoothing import apply_smoothing, smoothing_scales, storable_norm_scales, weight_absmax
 
 
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.8, 1.0], ids=lambda a: f"alpha={a}")
@@ -35,6 +35,25 @@ def test_layernorm_with_bias_and_linear_fold_exactly():
     s = torch.rand(16) * 10 + 0.1
     apply_smoothing(ln, [lin], s, s)
     torch.testing.assert_close(lin(ln(x)), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1.0], ids=["gain-w", "gemma-gain-1+w"])
+def test_norm_fold_is_exact_in_bf16_storage(offset):
+    """With s' from storable_norm_scales the bf16-stored folded gain times s' is the original gain
+    (fp32 exact); with s as computed, Gemma's folded gain (1 + w) / s - 1 loses precision in bf16."""
+    g = torch.Generator().manual_seed(0)
+    norm = torch.nn.RMSNorm(256)
+    norm.weight.data = torch.randn(256, generator=g).to(torch.bfloat16).float() * 0.3 + (0.0 if offset else 1.0)
+    s = torch.rand(256, generator=g) * 60 + 0.5
+    gain = norm.weight + offset
+    s_eff = storable_norm_scales(norm.weight, s, offset, torch.bfloat16)
+    apply_smoothing(norm, [], s_eff, s_eff, offset)
+    stored = norm.weight.to(torch.bfloat16).float()  # what the checkpoint holds
+    torch.testing.assert_close(norm.weight, stored, rtol=1e-6, atol=1e-7)  # fp32 fold lands on a bf16 value
+    torch.testing.assert_close((stored + offset) * s_eff, gain, rtol=1e-6, atol=0)
+    naive = ((gain / s - offset).to(torch.bfloat16).float() + offset) * s
+    naive_err = ((naive - gain).abs() / gain.abs()).max().item()
+    assert naive_err > (0.05 if offset else 1e-4)  # what the exact fold avoids
 
 
 def _logits(model, ids):
