@@ -8,8 +8,11 @@ nothing to the residual stream (checked: transformers logits of the padded vs un
 It quantizes the padded model with SmoothQuant twice (per-token activations, the default, and
 static per-tensor activations), converts the per-token one to compressed-tensors, and compares
 greedy continuations and prompt logprobs of held-out text at TP=1 and TP=2, the FP model included
-as the yardstick for how much TP alone moves bf16 numerics. The JSON is rewritten after every
-engine, so a run cut short still leaves what it measured.
+as the yardstick for how much TP alone moves bf16 numerics. It also fetches every rank's loaded
+int8 tensors (``LLM.apply_model``) and checks them bit for bit against the slices of the TP=1
+tensors that vLLM's sharding prescribes. Decoding uses ``max_num_seqs 1`` so that batch shapes,
+and hence numerics, do not depend on scheduling. The JSON is rewritten after every engine, so a
+run cut short still leaves what it measured.
 """
 
 from __future__ import annotations
@@ -177,6 +180,9 @@ PAIRS = {  # what the record compares: (run, run)
 }
 
 
+HEADS, KV_HEADS, HEAD_DIM = 12, 4, 64  # SmolLM2-135M padded (576 = 9 x 64)
+
+
 def main() -> int:
     import vllm
     from transformers import AutoTokenizer
@@ -201,7 +207,7 @@ def main() -> int:
     src = str(assets.smollm2_dir())
     tok = AutoTokenizer.from_pretrained(src)
     prompts = token_windows(assets.heldout_text(), tok, a.prompts, a.prompt_len)
-    padded = pad_heads(src, work / "padded", heads=12, kv_heads=4)
+    padded = pad_heads(src, work / "padded", heads=HEADS, kv_heads=KV_HEADS)
     record = {
         "device": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}", "vllm": vllm.__version__,
         "torch": torch.__version__, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
@@ -236,7 +242,8 @@ def main() -> int:
                 record[key] = compare(res[x], res[y])
         for kind in ("sq", "sq_static"):
             if name == f"{kind}_tp2" and f"{kind}_tp1" in res:
-                record[f"{kind}_tp2_shards_vs_tp1"] = shard_check(res[f"{kind}_tp1"][2][0], res[name][2], 12, 4, 64)
+                tp1_shards = res[f"{kind}_tp1"][2][0]
+                record[f"{kind}_tp2_shards_vs_tp1"] = shard_check(tp1_shards, res[name][2], HEADS, KV_HEADS, HEAD_DIM)
         Path(a.out).write_text(json.dumps(record, indent=2))
         print(f"[tp_check] {name} done in {record['engine_seconds'][name]} s", flush=True)
     print(json.dumps(record, indent=2))
