@@ -21,6 +21,10 @@ class SmoothGroup:
     # query heads, so s must be equal across the query heads that share a kv head.
     attention_heads: bool = False
     norm_offset: float = 0.0  # prev is a norm computing x_hat * (norm_offset + weight): Gemma's RMSNorm uses 1
+    # prev is a fused linear of which only some output rows feed the group: "qkv:v" = the v block of
+    # [q | k | v] (heads x head_dim rows each), "qkv:v-per-head" = the v rows of BLOOM's per-head
+    # [q_h | k_h | v_h] layout, "gate_up:up" = the second half of [gate | up]
+    prev_rows: str | None = None
 
 
 @dataclass(frozen=True)
@@ -53,24 +57,27 @@ _OPT = ArchMapping(
     default_alpha=0.5,
 )
 
-# Phi-3 stores q/k/v and gate/up fused (qkv_proj, gate_up_proj): the norm -> linear pairs apply as they are;
-# v->o and up->down would have to scale only some rows of the fused linear, which a SmoothGroup cannot say yet.
+# Phi-3 stores q/k/v and gate/up fused (qkv_proj, gate_up_proj): v->o and up->down divide only the v / up rows.
 _PHI3 = ArchMapping(
     layers="model.layers",
     groups=(
         SmoothGroup("qkv", "input_layernorm", ("self_attn.qkv_proj",)),
         SmoothGroup("gate_up", "post_attention_layernorm", ("mlp.gate_up_proj",)),
+        SmoothGroup("o", "self_attn.qkv_proj", ("self_attn.o_proj",), attention_heads=True, prev_rows="qkv:v"),
+        SmoothGroup("down", "mlp.gate_up_proj", ("mlp.down_proj",), prev_rows="gate_up:up"),
     ),
     default_alpha=0.8,
 )
 
 # BLOOM: fused query_key_value (vLLM repacks its per-head layout, scales included); GELU between dense_h_to_4h and
-# dense_4h_to_h is not positively homogeneous, so only the norm pairs.
+# dense_4h_to_h is not positively homogeneous, so no fc1 -> fc2 pair.
 _BLOOM = ArchMapping(
     layers="transformer.h",
     groups=(
         SmoothGroup("qkv", "input_layernorm", ("self_attention.query_key_value",)),
         SmoothGroup("fc1", "post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+        SmoothGroup("o", "self_attention.query_key_value", ("self_attention.dense",), attention_heads=True,
+                    prev_rows="qkv:v-per-head"),
     ),
     default_alpha=0.5,
     layer_returns_tuple=True,

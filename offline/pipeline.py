@@ -164,6 +164,24 @@ def _group_scales(a, w, alpha: float, group: SmoothGroup, heads: int, kv_heads: 
     return s, s
 
 
+def prev_rows(group: SmoothGroup, prev: nn.Module, heads: int, kv_heads: int) -> slice | torch.Tensor | None:
+    """The output rows of a fused ``prev`` linear that feed the group (``SmoothGroup.prev_rows``), in the
+    order of the group's input channels."""
+    out = prev.weight.shape[0]
+    if group.prev_rows is None:
+        return None
+    if group.prev_rows == "qkv:v":  # [q (heads) | k (kv_heads) | v (kv_heads)] x head_dim
+        d = out // (heads + 2 * kv_heads)
+        return slice((heads + kv_heads) * d, out)
+    if group.prev_rows == "qkv:v-per-head":  # per head h: [q_h | k_h | v_h], head_dim rows each
+        d = out // (3 * heads)
+        return (torch.arange(heads).view(-1, 1) * 3 * d + 2 * d + torch.arange(d)).reshape(-1)
+    if group.prev_rows == "gate_up:up":
+        return slice(out // 2, out)
+    raise ValueError(f"SmoothGroup {group.name!r}: unknown prev_rows {group.prev_rows!r} "
+                     "(use 'qkv:v', 'qkv:v-per-head' or 'gate_up:up')")
+
+
 def attention_heads(config) -> tuple[int, int]:
     heads = config.num_attention_heads
     return heads, getattr(config, "num_key_value_heads", None) or heads
@@ -205,7 +223,7 @@ def smooth_layer(
         prev = layer.get_submodule(g.prev)
         if storage is not None and not isinstance(prev, nn.Linear):
             s_prev = s_in = storable_norm_scales(prev.weight, s_prev.to(prev.weight.device), g.norm_offset, storage)
-        apply_smoothing(prev, linears, s_prev, s_in, g.norm_offset)
+        apply_smoothing(prev, linears, s_prev, s_in, g.norm_offset, prev_rows(g, prev, *heads))
         for n in g.linears:
             after[n] = act_absmax[n] / s_in.to(act_absmax[n].device)
         reports.append(GroupReport(index, g.name, group_alpha, float(a.max()), float(after[g.linears[0]].max())))

@@ -72,18 +72,21 @@ def storable_norm_scales(weight: torch.Tensor, s: torch.Tensor, offset: float, s
 
 @torch.no_grad()
 def apply_smoothing(prev: nn.Module, linears: list[nn.Linear], s_prev: torch.Tensor, s_in: torch.Tensor,
-                    norm_offset: float = 0.0) -> None:
+                    norm_offset: float = 0.0, rows: slice | torch.Tensor | None = None) -> None:
     """Fold s into the model in place: prev's output channels / s_prev, linears' input columns * s_in.
 
     ``prev`` is a LayerNorm/RMSNorm (``weight [C]``, optional ``bias [C]``; gain ``norm_offset + weight``)
     or a Linear (``weight [C, in_prev]``, optional ``bias [C]``): both divide along dim 0. ``s_in`` is
-    ``s_prev`` itself, or its repetition over query heads when prev is v_proj under GQA.
+    ``s_prev`` itself, or its repetition over query heads when prev is v_proj under GQA. ``rows`` (slice
+    or index ``[C]``): only these output rows of prev feed the linears, in their input-channel order (the
+    v rows of a fused qkv linear); the other rows are untouched.
     """
+    rows = slice(None) if rows is None else rows
     shape = (-1,) + (1,) * (prev.weight.dim() - 1)
     offset = 0.0 if isinstance(prev, nn.Linear) else norm_offset
-    folded = (prev.weight.float() + offset) / s_prev.view(shape) - offset
-    prev.weight.copy_(folded.to(prev.weight.dtype))
+    folded = (prev.weight[rows].float() + offset) / s_prev.view(shape) - offset
+    prev.weight[rows] = folded.to(prev.weight.dtype)
     if getattr(prev, "bias", None) is not None:
-        prev.bias.copy_((prev.bias.float() / s_prev).to(prev.bias.dtype))
+        prev.bias[rows] = (prev.bias[rows].float() / s_prev).to(prev.bias.dtype)
     for lin in linears:
         lin.weight.copy_((lin.weight.float() * s_in.view(1, -1)).to(lin.weight.dtype))
