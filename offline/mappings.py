@@ -9,7 +9,7 @@ Linear followed by nothing, a ReLU, or an elementwise product with another branc
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,16 @@ _BLOOM = ArchMapping(
     layer_returns_tuple=True,
 )
 
-# Falcon (parallel attention, one input_layernorm feeding attention and MLP): one group of both linears.
+# Falcon (parallel attention, one input_layernorm feeding attention and MLP): one group of both linears;
+# v -> dense through the v rows of query_key_value: [q heads | k | v] with multi_query (7B), per head
+# [q_h | k_h | v_h] without (mapping_for picks); GELU blocks fc1 -> fc2.
 _FALCON = ArchMapping(
     layers="transformer.h",
-    groups=(SmoothGroup("qkv_fc1", "input_layernorm", ("self_attention.query_key_value", "mlp.dense_h_to_4h")),),
+    groups=(
+        SmoothGroup("qkv_fc1", "input_layernorm", ("self_attention.query_key_value", "mlp.dense_h_to_4h")),
+        SmoothGroup("o", "self_attention.query_key_value", ("self_attention.dense",), attention_heads=True,
+                    prev_rows="qkv:v"),
+    ),
     default_alpha=0.5,
     layer_returns_tuple=True,
 )
@@ -140,4 +146,7 @@ def mapping_for(config) -> ArchMapping:
             "attention has no SmoothQuant mapping yet; only the parallel-attention, single-layernorm layout (7B) is "
             "supported."
         )
+    if archs[0] == "FalconForCausalLM" and not getattr(config, "multi_query", True):
+        o = replace(_FALCON.groups[1], prev_rows="qkv:v-per-head")
+        return replace(_FALCON, groups=(_FALCON.groups[0], o))
     return MAPPINGS[archs[0]]

@@ -183,7 +183,10 @@ def prev_rows(group: SmoothGroup, prev: nn.Module, heads: int, kv_heads: int) ->
 
 
 def attention_heads(config) -> tuple[int, int]:
+    """(query heads, kv heads); Falcon-7B's multi_query means one kv head."""
     heads = config.num_attention_heads
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        return heads, 1
     return heads, getattr(config, "num_key_value_heads", None) or heads
 
 

@@ -80,12 +80,15 @@ def inject_outliers(model, seed: int = 0, factor: float = 30.0) -> None:
             w[idx] *= factor / 3
 
 
-def tiny_model(arch: str, seed: int = 0, **kw):
+def tiny_model(arch: str, seed: int = 0, config_overrides: dict | None = None, **kw):
     """fp32 random model of ``arch`` with outliers; deterministic for a given seed."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, **kw), dtype=torch.float32).eval()
+    config = tiny_config(arch, **kw)
+    for key, value in (config_overrides or {}).items():
+        setattr(config, key, value)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
     inject_outliers(model, seed)
     return model
 

@@ -79,11 +79,16 @@ def _smooth(model, names, absmax, alpha):
     return after, reports
 
 
+VARIANTS = [pytest.param(arch, None, id=arch.removesuffix("ForCausalLM")) for arch in ARCHS] + [
+    pytest.param("FalconForCausalLM", {"multi_query": False}, id="Falcon-no-multi-query")]
+
+
 @pytest.mark.parametrize("groups", list(GROUPS), ids=str)
-@pytest.mark.parametrize("arch", ARCHS, ids=lambda a: a.removesuffix("ForCausalLM"))
-def test_smoothing_is_exact_on_fp32_logits(arch, groups):
-    """Smoothing without quantization leaves the fp32 model's logits unchanged (~1e-5 relative)."""
-    model = tiny_model(arch)
+@pytest.mark.parametrize("arch, overrides", VARIANTS)
+def test_smoothing_is_exact_on_fp32_logits(arch, overrides, groups):
+    """Smoothing without quantization leaves the fp32 model's logits unchanged (~1e-5 relative);
+    Falcon also without multi_query (v rows interleaved per head)."""
+    model = tiny_model(arch, config_overrides=overrides)
     ids = torch.randint(3, 512, (2, 48), generator=torch.Generator().manual_seed(1))
     before = _logits(model, ids)
     after_stats, reports = _smooth(model, GROUPS[groups], input_absmax(model, ids), 0.5)
