@@ -109,6 +109,19 @@ _GEMMA = ArchMapping(
     default_alpha=0.8,
 )
 
+# Gemma 2/3: the attention and MLP outputs pass through their own norms before the residual add; the MLP input
+# norm is pre_feedforward_layernorm (post_attention_layernorm normalizes o_proj's output, feeding no linear).
+# Gemma 3's q_norm/k_norm act after q/k_proj, per head: unaffected.
+_GEMMA2 = ArchMapping(
+    layers="model.layers",
+    groups=(
+        _GEMMA.groups[0],
+        SmoothGroup("gate_up", "pre_feedforward_layernorm", _LLAMA.groups[1].linears, norm_offset=1.0),
+        *_LLAMA.groups[2:],
+    ),
+    default_alpha=0.8,
+)
+
 MAPPINGS: dict[str, ArchMapping] = {
     "OPTForCausalLM": _OPT,
     "LlamaForCausalLM": _LLAMA,
@@ -118,7 +131,9 @@ MAPPINGS: dict[str, ArchMapping] = {
     "Phi3ForCausalLM": _PHI3,
     "BloomForCausalLM": _BLOOM,
     "FalconForCausalLM": _FALCON,  # parallel_attn with a single layernorm (7B-style); see mapping_for
-    "GemmaForCausalLM": _GEMMA,  # Gemma 1 only: Gemma 2/3 add post-attention/pre-feedforward norms
+    "GemmaForCausalLM": _GEMMA,
+    "Gemma2ForCausalLM": _GEMMA2,
+    "Gemma3ForCausalLM": _GEMMA2,  # text-only Gemma 3 (1B); the multimodal Gemma3ForConditionalGeneration is not mapped
 }
 
 

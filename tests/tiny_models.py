@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 ARCHS = ("OPTForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
-         "Phi3ForCausalLM", "BloomForCausalLM", "FalconForCausalLM", "GemmaForCausalLM")
+         "Phi3ForCausalLM", "BloomForCausalLM", "FalconForCausalLM", "GemmaForCausalLM",
+         "Gemma2ForCausalLM", "Gemma3ForCausalLM")
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
     "you were her she there one all we their its been has more if no when will would who so my what up out them "
@@ -48,9 +49,11 @@ def tiny_config(arch: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv
     if arch == "FalconForCausalLM":
         return transformers.FalconConfig(hidden_size=hidden, parallel_attn=True, new_decoder_architecture=False,
                                          multi_query=True, bias=False, alibi=False, **common)
-    if arch == "GemmaForCausalLM":
-        return transformers.GemmaConfig(hidden_size=hidden, intermediate_size=3 * hidden, num_key_value_heads=kv_heads,
-                                        head_dim=hidden // heads, tie_word_embeddings=True, **common)
+    if arch.startswith("Gemma"):
+        cls = {"GemmaForCausalLM": "GemmaConfig", "Gemma2ForCausalLM": "Gemma2Config",
+               "Gemma3ForCausalLM": "Gemma3TextConfig"}[arch]
+        return getattr(transformers, cls)(hidden_size=hidden, intermediate_size=3 * hidden, num_key_value_heads=kv_heads,
+                                          head_dim=hidden // heads, tie_word_embeddings=True, **common)
     cls = {"LlamaForCausalLM": "LlamaConfig", "MistralForCausalLM": "MistralConfig",
            "Qwen2ForCausalLM": "Qwen2Config", "Qwen3ForCausalLM": "Qwen3Config", "Phi3ForCausalLM": "Phi3Config"}[arch]
     extra = {"head_dim": hidden // heads} if arch == "Qwen3ForCausalLM" else {}
@@ -68,7 +71,7 @@ def inject_outliers(model, seed: int = 0, factor: float = 30.0) -> None:
             continue
         if "norm" in leaf and w.dim() == 1 and leaf not in ("q_norm", "k_norm") and ("layers." in name or ".h." in name):
             idx = torch.randperm(w.numel(), generator=g)[:3]
-            if type(m).__name__ == "GemmaRMSNorm":  # gain 1 + w (w starts at 0)
+            if type(m).__name__ in ("GemmaRMSNorm", "Gemma2RMSNorm", "Gemma3RMSNorm"):  # gain 1 + w (w starts at 0)
                 w.normal_(0, 0.1, generator=g)
                 w[idx] = (1 + w[idx]) * factor - 1
             else:

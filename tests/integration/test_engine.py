@@ -133,7 +133,7 @@ def test_malformed_checkpoint_fails_at_load_naming_the_tensor(ckpts, tmp_path, h
 
 
 FAMILIES = ["MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "BloomForCausalLM",
-            "FalconForCausalLM", "GemmaForCausalLM"]
+            "FalconForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"]
 
 
 @pytest.mark.parametrize("arch", FAMILIES, ids=lambda a: a.removesuffix("ForCausalLM"))
