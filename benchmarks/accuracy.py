@@ -12,7 +12,6 @@ Defaults: SmolLM2-135M-Instruct, convention speeches, movie reviews (``offline/a
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shlex
 import subprocess
@@ -20,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from vllm_smoothquant.offline.evaluate import device_name
+from vllm_smoothquant.offline.harness import device_name, provenance
 
 CLI = str(Path(sys.executable).with_name("vllm-smoothquant"))
 ALL = "qkv,gate_up,o,down"
@@ -116,9 +115,6 @@ def main() -> int:
 
 def _write(out: Path, rows: list[dict], a, calib: str, held: str) -> dict:
     """Write the table so far (after every row: an interrupted run keeps what it measured)."""
-    import torch
-    import vllm
-
     rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]))
     base = next((r["perplexity"] for r in rows if r["variant"] == "unquantized"), None)
     for r in rows:
@@ -127,8 +123,7 @@ def _write(out: Path, rows: list[dict], a, calib: str, held: str) -> dict:
             r["vs_unquantized_pct"] = round(100 * (r["perplexity"] / base - 1), 2)
             if naive is not None and naive != base and r["variant"] != "unquantized":
                 r["naive_gap_closed_pct"] = round(100 * (naive - r["perplexity"]) / (naive - base), 1)
-    result = {"device": device_name(), "vllm": vllm.__version__, "torch": torch.__version__,
-              "date": datetime.date.today().isoformat(), "quantize_device": a.device,
+    result = {**provenance(), "quantize_device": a.device,
               "calibration": Path(calib).name, "heldout": Path(held).name, "windows": a.windows,
               "seq_len": a.seq_len, "num_samples": a.num_samples, "rows": rows}
     out.write_text(json.dumps(result, indent=2))

@@ -5,7 +5,8 @@
 On x86 CPUs without VNNI (AVX2 only), oneDNN multiplies u8 x s8 pairs with ``vpmaddubsw``, whose
 int16 pair sums saturate: the kernel then differs from exact int8 math by about as much as the
 quantization error itself. The script prints the kernel's relative error against exact int32
-accumulation and against a model of int16-saturating pair sums (activations shifted to u8 by +128).
+accumulation and against a model of int16-saturating pair sums (activations shifted to u8 by +128),
+after the CPU's model name, its int8-relevant flags (avx512_vnni / avx_vnni: exact) and the versions.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import torch
 def main() -> None:
     from vllm import _custom_ops as ops
 
+    from vllm_smoothquant.offline.harness import provenance
     from vllm_smoothquant.offline.quantization import quantize_weight
 
+    print("; ".join(f"{k} {','.join(v) if isinstance(v, list) else v}" for k, v in provenance().items()))
     g = torch.Generator().manual_seed(0)
     m, k, n = 64, 576, 1536
     x = torch.randn(m, k, generator=g) * torch.rand(k, generator=g) * 3

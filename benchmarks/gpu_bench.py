@@ -27,9 +27,21 @@ import time
 import urllib.request
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-VARIANTS = ("fp16", "stock_w8a8", "smoothquant")
-QUANT_ARG = {"fp16": [], "stock_w8a8": [], "smoothquant": ["--quantization", "smoothquant"]}
+# variant -> (checkpoint directory suffix, engine flags). The variant name says the KV-cache dtype: "_kv8" runs an
+# fp8 (e4m3) KV cache, the others a 16-bit one. smoothquant_kv8 is `vllm-smoothquant quantize --kv-cache fp8` of the
+# fp16 model (calibrated k/v scales; vLLM picks the fp8 cache from the checkpoint by itself, no flag), and the
+# same checkpoint served with --kv-cache-dtype float16 is "smoothquant (16-bit KV)"; fp8_kv8 is vLLM's online FP8
+# (no KV scales: vLLM uses 1.0). See `build` and `build-sq`.
+VARIANTS = {
+    "fp16": ("fp16", []),
+    "fp16_kv8": ("fp16", ["--kv-cache-dtype", "fp8"]),
+    "stock_w8a8": ("stock_w8a8", []),
+    "smoothquant": ("smoothquant", ["--quantization", "smoothquant"]),
+    "smoothquant_kv16": ("smoothquant-kv8", ["--quantization", "smoothquant", "--kv-cache-dtype", "float16"]),
+    "smoothquant_kv8": ("smoothquant-kv8", ["--quantization", "smoothquant"]),
+    "fp8_kv8": ("fp16", ["--quantization", "fp8", "--kv-cache-dtype", "fp8"]),
+}
+QUANT_ARG = {v: flags for v, (_, flags) in VARIANTS.items()}
 
 SHAPES = {
     "opt-13b": dict(
@@ -51,11 +63,11 @@ SHAPES = {
 
 
 def _dirs(root: Path, shape: str) -> dict[str, Path]:
-    return {v: root / f"{shape}-{v}" for v in VARIANTS}
+    return {v: root / f"{shape}-{d}" for v, (d, _) in VARIANTS.items()}
 
 
 # ---------------------------------------------------------------- build
-def build(shape: str, root: Path, tokenizer: Path, device: str) -> None:
+def build(shape: str, root: Path, tokenizer: Path, device: str, fp16_only: bool = False) -> None:
     import torch
     import transformers
     from transformers import AutoModelForCausalLM
@@ -91,7 +103,7 @@ def build(shape: str, root: Path, tokenizer: Path, device: str) -> None:
         q, s = quantize_weight(fp16[f"{n}.weight"], "channel")
         int8[f"{n}.weight"], int8[f"{n}.weight_scale"] = q, s
     fmt = SmoothQuantFormat(alpha=None, smoothed=False, calibration=Calibration(source="random weights (speed only)"))
-    for variant, sd in (("fp16", fp16), ("smoothquant", int8)):
+    for variant, sd in (("fp16", fp16), ("smoothquant", int8))[:1 if fp16_only else 2]:
         with atomic_dir(dirs[variant], overwrite=True) as tmp:
             save_safetensors(sd, tmp)
             if variant == "smoothquant":
@@ -101,6 +113,8 @@ def build(shape: str, root: Path, tokenizer: Path, device: str) -> None:
                 if f.is_file() and f.name != "config.json":
                     shutil.copy2(f, tmp / f.name)
         print(f"built {dirs[variant]} ({_gib(dirs[variant]):.2f} GiB)", flush=True)
+    if fp16_only:
+        return
     to_compressed_tensors(dirs["smoothquant"], dirs["stock_w8a8"], overwrite=True)
     print(f"built {dirs['stock_w8a8']} (hard links to the smoothquant int8 tensors)", flush=True)
 
@@ -110,14 +124,6 @@ def _gib(d: Path) -> float:
 
 
 # ---------------------------------------------------------------- run
-def _env() -> dict[str, str]:
-    import torch
-    import vllm
-
-    return {"device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "vllm": vllm.__version__, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d")}
-
-
 def _tool(cmd: list[str], log: Path) -> str:
     print("$ " + " ".join(cmd), flush=True)
     t = time.perf_counter()
@@ -137,12 +143,22 @@ def _engine_facts(log: str) -> dict:
         facts["kv_cache_tokens"] = int(m.group(1).replace(",", ""))
     if m := re.search(r"Model loading took ([\d.]+) GiB", log):
         facts["model_load_gib"] = float(m.group(1))
+    if m := re.search(r"Using (\S+) (?:attention )?backend", log):
+        facts["attention_backend"] = m.group(1)
+    if m := re.search(r"Using FlashAttention version (\d+)", log):
+        facts["flash_attention_version"] = int(m.group(1))
+    if m := re.search(r"kv_cache_dtype=(\w+)", log):
+        facts["kv_cache_dtype_arg"] = m.group(1)
+    if m := re.search(r"Using fp8 data type to store kv cache", log):
+        facts["kv_cache_fp8"] = True
     return facts
 
 
 def run_suite(shape: str, root: Path, suite: str, rows: Path, work: Path, variants: list[str], extra: list[str],
               num_prompts: int = 1000, batch_sizes: tuple[int, ...] = (1, 8, 64)):
-    env = _env()
+    from vllm_smoothquant.offline.harness import provenance
+
+    env = provenance()
     work.mkdir(parents=True, exist_ok=True)
     dirs = _dirs(root, shape)
     base = {**env, "model": f"{shape} (random weights)"}
@@ -224,6 +240,8 @@ def main(argv=None):
     b.add_argument("--root", type=Path, required=True)
     b.add_argument("--tokenizer", type=Path, required=True, help="dir with tokenizer files to copy into each model")
     b.add_argument("--device", default="cuda")
+    b.add_argument("--fp16-only", action="store_true",
+                   help="only the fp16 model (the _kv8 SmoothQuant checkpoint comes from `vllm-smoothquant quantize`)")
     r = sub.add_parser("run")
     r.add_argument("--shape", choices=sorted(SHAPES), default="opt-13b")
     r.add_argument("--root", type=Path, required=True)
@@ -238,7 +256,7 @@ def main(argv=None):
     rp.add_argument("rows", type=Path, nargs="+")
     a = p.parse_args(argv)
     if a.cmd == "build":
-        build(a.shape, a.root, a.tokenizer, a.device)
+        build(a.shape, a.root, a.tokenizer, a.device, a.fp16_only)
     elif a.cmd == "run":
         run_suite(a.shape, a.root, a.suite, a.rows, a.work, a.variants.split(","), a.extra, a.num_prompts,
                   tuple(int(b) for b in a.batch_sizes.split(",")))

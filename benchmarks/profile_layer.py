@@ -83,7 +83,7 @@ def main():
     p.add_argument("--out", required=True)
     a = p.parse_args()
     rows = [profile(b, 256, True) for b in (1, 8, 64, 256)] + [profile(t, t, False) for t in (1024, 4096)]
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "vllm": __import__("vllm").__version__}
+    meta = __import__("vllm_smoothquant.offline.harness", fromlist=["provenance"]).provenance()
     keys = ["phase", "tokens", "fp16_gemms_us", "int8_gemms_us", "int8_quant_us", "layernorm_x2_us", "attention_us",
             "layer_fp16_us", "layer_int8_us"]
     print(" ".join(f"{k:>16}" for k in keys))

@@ -14,6 +14,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+from vllm_smoothquant.offline.harness import PROVENANCE_KEYS
+
 HERE = Path(__file__).resolve().parent
 VARIANTS = ("fp16", "stock_w8a8", "smoothquant")
 METRIC = {"vllm bench throughput": "tok_s", "vllm bench latency": "latency_s", "vllm bench serve": "output_tok_s"}
@@ -27,8 +29,10 @@ def pivot(rows: list[dict]) -> list[dict]:
     out = []
     for (device, vllm, model, tool, workload), by_variant in groups.items():
         metric = METRIC[tool]
-        row = {"device": device, "vllm": vllm, "model": model, "tool": tool, "workload": workload,
-               "date": next(iter(by_variant.values()))["date"], "metric": metric}
+        first = next(iter(by_variant.values()))
+        row = {k: first[k] for k in PROVENANCE_KEYS if k in first}  # where and with what it ran (gpu_bench rows)
+        row |= {"device": device, "vllm": vllm, "model": model, "tool": tool, "workload": workload,
+                "date": first["date"], "metric": metric}
         for v in VARIANTS:
             if v in by_variant:
                 row[f"{v}_{metric}"] = by_variant[v][metric]

@@ -18,7 +18,6 @@ run cut short still leaves what it measured.
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib
 import json
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from vllm_smoothquant.offline.harness import greedy, make_llm, provenance
 
 CLI = str(Path(sys.executable).with_name("vllm-smoothquant"))
 
@@ -142,16 +143,11 @@ def shard_check(tp1: dict, ranks: list[dict], heads: int, kv_heads: int, head_di
 def generate(model: str, prompts: list[list[int]], tp: int, quantization: str | None, new_tokens: int, eager: bool,
              max_num_seqs: int):
     """Greedy tokens, prompt logprobs and (quantized models) every rank's ``linear_shards``."""
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    llm = LLM(model=model, quantization=quantization, tensor_parallel_size=tp, max_model_len=1024,
-              gpu_memory_utilization=0.3, enable_prefix_caching=False, seed=0, enforce_eager=eager,
-              max_num_seqs=max_num_seqs)
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, prompt_logprobs=0)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
-    tokens = [list(o.outputs[0].token_ids) for o in outs]
-    lps = torch.tensor([[o.prompt_logprobs[t][p[t]].logprob for t in range(1, len(p))] for o, p in zip(outs, prompts)])
+    llm = make_llm(model, quantization, tensor_parallel_size=tp, max_model_len=1024, enforce_eager=eager,
+                   max_num_seqs=max_num_seqs)
+    outs = greedy(llm, prompts, new_tokens, prompt_logprobs=True)
+    tokens = [g.token_ids for g in outs]
+    lps = torch.tensor([g.prompt_logprobs for g in outs])
     # by module name, not __main__: the workers unpickle it by importing benchmarks/tp_check.py
     shards = llm.apply_model(importlib.import_module("tp_check").linear_shards) if quantization else None
     del llm
@@ -184,7 +180,6 @@ HEADS, KV_HEADS, HEAD_DIM = 12, 4, 64  # SmolLM2-135M padded (576 = 9 x 64)
 
 
 def main() -> int:
-    import vllm
     from transformers import AutoTokenizer
 
     from vllm_smoothquant.offline import assets
@@ -209,8 +204,7 @@ def main() -> int:
     prompts = token_windows(assets.heldout_text(), tok, a.prompts, a.prompt_len)
     padded = pad_heads(src, work / "padded", heads=HEADS, kv_heads=KV_HEADS)
     record = {
-        "device": f"{torch.cuda.device_count()}x {torch.cuda.get_device_name()}", "vllm": vllm.__version__,
-        "torch": torch.__version__, "date": datetime.date.today().isoformat(), "command": " ".join(sys.argv),
+        **provenance(), "command": " ".join(sys.argv),
         "model": "SmolLM2-135M-Instruct padded to 12 q / 4 kv heads", "enforce_eager": not a.compile,
         "prompts": len(prompts), "prompt_len": a.prompt_len, "new_tokens": a.new_tokens, "max_num_seqs": a.max_num_seqs,
         "padded_vs_unpadded_max_abs_logit_diff_fp32": padding_error(src, padded, prompts),

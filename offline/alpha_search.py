@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_smoothquant.format import ActivationScheme
+
 from .quantization import fake_quant_activations, quantize_weight
 
 GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
@@ -20,7 +22,7 @@ GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
 
 @torch.no_grad()
 def group_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, act_absmax: torch.Tensor,
-                activations: str, weight_strategy: str) -> float:
+                activations: ActivationScheme, weight_strategy: str) -> float:
     """Relative squared error of the quantized group output; ``s: [in]`` already repeated per head."""
     x = x.float()
     xs = x / s
@@ -36,7 +38,7 @@ def group_error(x: torch.Tensor, weights: list[torch.Tensor], s: torch.Tensor, a
 
 
 @torch.no_grad()
-def search_alpha(scales_for, x, weights, act_absmax, activations: str, weight_strategy: str,
+def search_alpha(scales_for, x, weights, act_absmax, activations: ActivationScheme, weight_strategy: str,
                  grid=GRID) -> tuple[float, dict[float, float]]:
     """``scales_for(alpha) -> s_in [in]``. Returns (best alpha, {alpha: error})."""
     errors = {a: group_error(x, weights, scales_for(a), act_absmax, activations, weight_strategy) for a in grid}

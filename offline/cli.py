@@ -3,6 +3,8 @@
     vllm-smoothquant quantize MODEL_DIR OUTPUT_DIR --calib FILE [--num-samples N] [--seq-len L]
         [--alpha A] [--no-smooth] [--device cpu|cuda] [--dtype bfloat16|float16] ...
     vllm-smoothquant eval MODEL --text FILE [--quantization smoothquant] [--windows N] [--seq-len L] [--json]
+    vllm-smoothquant convert SRC DST [--overwrite]
+    vllm-smoothquant inspect CKPT [--plot-dir DIR [--plot-layers 0,5]]
     vllm-smoothquant demo        # the README's main job on the embedded SmolLM2-135M
 """
 
@@ -10,28 +12,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
+from pathlib import Path
 
 
 def _alpha(v: str) -> float | str:
-    if v == "auto":
-        return v
-    try:
-        a = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{v!r} is not a number") from None
-    if not 0.0 <= a <= 1.0:
-        raise argparse.ArgumentTypeError(f"{a} is outside [0, 1] (the paper uses 0.5 for OPT, ~0.8 for Llama)")
-    return a
+    from .options import parse_alpha  # the one alpha check lives there
+
+    return parse_alpha(v)
 
 
-def _override(v: str) -> tuple[str, str]:
-    from .pipeline import OptionsError
+def _override(v: str):
+    from .options import parse_override
 
-    key, sep, scheme = v.partition("=")
-    if not sep:
-        raise OptionsError(f"--activation-override {v!r}: use MODULE=token or MODULE=static, e.g. down_proj=token.")
-    return key.strip(), scheme.strip()
+    return parse_override(v)
 
 
 def _positive(v: str) -> int:
@@ -42,6 +37,40 @@ def _positive(v: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"{n} must be >= 1")
     return n
+
+
+def _layer_list(v: str) -> list[int]:
+    try:
+        layers = [int(x) for x in v.split(",") if x.strip()]
+    except ValueError:
+        layers = []
+    if not layers or min(layers) < 0:
+        raise argparse.ArgumentTypeError(f"{v!r} is not a comma list of layer indices >= 0, e.g. 0,5")
+    return layers
+
+
+def _checkpoint_dir(v: str) -> Path:
+    p = Path(v)
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"{v!r} does not exist; pass a checkpoint directory")
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"{v!r} is not a directory; pass a checkpoint directory")
+    if not (p / "config.json").is_file():
+        raise argparse.ArgumentTypeError(f"{v!r} has no config.json: not a model checkpoint directory")
+    return p
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def _model_ref(v: str) -> str:
+    """A local model directory (with config.json), or what can only be a Hugging Face hub id."""
+    p = Path(v).expanduser()
+    if p.exists():
+        return str(_checkpoint_dir(str(p)))
+    if not _HUB_ID.fullmatch(v):
+        raise argparse.ArgumentTypeError(f"model directory {v!r} does not exist")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,10 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --activations static (repeatable; fused q/k/v and gate/up must agree)")
     q.add_argument("--device", default="cpu", help="cpu or cuda")
     q.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="dtype of unquantized parts")
+    q.add_argument("--offload-activations", choices=["cpu", "disk"], default=None,
+                   help="keep the calibration activations in host memory (cpu) or in files beside OUTPUT_DIR (disk) "
+                        "instead of on --device, when they do not fit there")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
 
     e = sub.add_parser("eval", help="perplexity of a model on a text, through vLLM")
-    e.add_argument("model")
+    e.add_argument("model", type=_model_ref, help="model directory (or hub id)")
     e.add_argument("--text", required=True, help=".txt file to evaluate on")
     e.add_argument("--quantization", default=None, help="e.g. smoothquant (auto-detected from config.json)")
     e.add_argument("--windows", type=_positive, default=32, help="number of windows (default 32)")
@@ -81,46 +113,58 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dtype", default=None, help="activation dtype (default: fp32 on CPU, the model's on CUDA)")
     e.add_argument("--enforce-eager", action="store_true", help="skip torch.compile/CUDA graphs (faster start; always on CPU)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
+    e.add_argument("--verbose", action="store_true", help="show vLLM's log here (default: written to a file)")
 
     c = sub.add_parser("convert", help="rewrite a SmoothQuant checkpoint as compressed-tensors (stock vLLM loads it)")
-    c.add_argument("src")
-    c.add_argument("dst")
-    c.add_argument("--to", choices=["compressed-tensors"], default="compressed-tensors")
-    c.add_argument("--overwrite", action="store_true")
+    c.add_argument("src", type=_checkpoint_dir, help="SmoothQuant checkpoint directory")
+    c.add_argument("dst", help="where to write the compressed-tensors checkpoint")
+    c.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
 
     i = sub.add_parser("inspect", help="print a checkpoint's format, per-layer alpha and scales; plot smoothing")
-    i.add_argument("ckpt")
-    i.add_argument("--plot-layers", default="0", help="comma list of layer indices to plot (default 0)")
-    i.add_argument("--plot-dir", default=None, help="where to write PNGs (default CKPT/smoothquant/plots)")
+    i.add_argument("ckpt", type=_checkpoint_dir, help="SmoothQuant checkpoint directory (only read)")
+    i.add_argument("--plot-dir", type=Path, default=None, metavar="DIR",
+                   help="write a PNG per layer of per-channel max |X| before/after smoothing here (default: no plots)")
+    i.add_argument("--plot-layers", type=_layer_list, default=None, metavar="N[,N...]",
+                   help="comma list of layer indices to plot into --plot-dir (default 0)")
 
-    sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M: quantize, serve, compare perplexity")
+    d = sub.add_parser("demo", help="the main job on the embedded SmolLM2-135M: quantize, serve, compare perplexity")
+    d.add_argument("--verbose", action="store_true", help="show vLLM's log here (default: written to a file)")
     return p
 
 
 def _quantize(args) -> int:
+    from vllm_smoothquant.format import WeightScheme
+
+    from .options import activation_scheme
     from .pipeline import QuantizeOptions, quantize
+    from .report import gib
 
     opts = QuantizeOptions(
         alpha=args.alpha,
         smooth=not args.no_smooth,
         groups=tuple(g.strip() for g in args.smooth_groups.split(",") if g.strip()) if args.smooth_groups else None,
-        weights=args.weights,
-        activations=args.activations,
+        weights=WeightScheme(strategy=args.weights),
+        activations=activation_scheme(args.activations),
         activation_overrides=dict(_override(v) for v in args.activation_override),
         num_samples=args.num_samples,
         seq_len=args.seq_len,
         batch_size=args.batch_size,
         device=args.device,
         dtype=args.dtype,
+        offload_activations=args.offload_activations,
     )
     r = quantize(args.model_dir, args.output_dir, args.calib, opts, overwrite=args.overwrite)
     if r.groups:
         print(f"{'layer':>5} {'group':>8} {'alpha':>5} {'max|X| before':>14} {'after':>10}")
         for g in r.groups:
             print(f"{g.layer:>5} {g.group:>8} {g.alpha:>5.2f} {g.act_max_before:>14.2f} {g.act_max_after:>10.2f}")
-    peak = f"peak memory {r.peak_rss_bytes / 2**30:.2f} GiB RSS"
+    print(f"{'layer':>5} {'seconds':>8} {'peak RSS GiB':>13} {'peak CUDA GiB':>14}")
+    for x in r.layers:
+        print(f"{x.layer:>5} {x.seconds:>8.2f} {gib(x.peak_rss_bytes):>13} {gib(x.peak_cuda_bytes):>14}")
+    print(f"weights: {r.loading}\ncalibration activations: {r.activations}")
+    peak = f"peak memory {gib(r.peak_rss_bytes)} GiB RSS"
     if r.peak_cuda_bytes is not None:
-        peak += f", {r.peak_cuda_bytes / 2**30:.2f} GiB CUDA"
+        peak += f", {gib(r.peak_cuda_bytes)} GiB CUDA"
     print(f"wrote {r.output} ({r.output_bytes / 2**20:.1f} MiB) in {r.seconds:.1f} s; {peak}")
     return 0
 
@@ -128,17 +172,23 @@ def _quantize(args) -> int:
 def _eval(args) -> int:
     import os
 
-    if args.json:  # stdout carries only the JSON object; vLLM's logs go to stderr
-        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from transformers import AutoTokenizer
 
     from .calibration import token_windows
-    from .evaluate import make_llm, perplexity
+    from .harness import make_llm, quiet_vllm
 
     tok = AutoTokenizer.from_pretrained(args.model)
-    windows = token_windows(args.text, tok, args.windows, args.seq_len)
+    windows = token_windows(args.text, tok, args.windows, args.seq_len, what="evaluation text")
+    log = None
+    if not args.verbose:  # before vLLM is imported: its engine processes inherit the setting
+        log = quiet_vllm("eval")
+        print(f"vLLM's log: {log} (--verbose shows it here)", file=sys.stderr)
+    elif args.json:  # stdout carries only the JSON object; vLLM's log goes to stderr
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    from .evaluate import perplexity
+
     extra = ({"dtype": args.dtype} if args.dtype else {}) | ({"enforce_eager": True} if args.enforce_eager else {})
-    llm = make_llm(args.model, args.quantization, max_model_len=max(2048, args.seq_len + 1), **extra)
+    llm = make_llm(args.model, args.quantization, log=log, max_model_len=max(2048, args.seq_len + 1), **extra)
     r = perplexity(llm, windows)
     quantization = llm.llm_engine.vllm_config.model_config.quantization  # also when auto-detected
     if args.json:
@@ -153,9 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from vllm_smoothquant.format import FormatError
 
+    from .assets import MissingAssetError
     from .calibration import CalibrationDataError
     from .export import OutputExistsError
-    from .inspect_ckpt import MissingStatsError
+    from .inspect_ckpt import InspectError
     from .mappings import UnsupportedArchitectureError
     from .pipeline import OptionsError
 
@@ -165,14 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             return _eval(args)
         if args.command == "inspect":
-            from pathlib import Path
-
             from .inspect_ckpt import describe, plot_layers
 
-            print(describe(Path(args.ckpt)))
-            if json.loads((Path(args.ckpt) / "config.json").read_text())["quantization_config"].get("smoothed"):
-                plot_dir = Path(args.plot_dir) if args.plot_dir else Path(args.ckpt) / "smoothquant" / "plots"
-                for path in plot_layers(Path(args.ckpt), [int(x) for x in args.plot_layers.split(",")], plot_dir):
+            if args.plot_layers is not None and args.plot_dir is None:
+                raise InspectError("--plot-layers needs --plot-dir DIR: plots are written only where asked.")
+            print(describe(args.ckpt))
+            if args.plot_dir is not None:
+                for path in plot_layers(args.ckpt, args.plot_layers or [0], args.plot_dir):
                     print(f"wrote {path}")
             return 0
         if args.command == "convert":
@@ -182,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from .demo import run_demo
 
-        return run_demo()
+        return run_demo(verbose=args.verbose)
     except (FormatError, CalibrationDataError, OutputExistsError, UnsupportedArchitectureError, OptionsError,
-            MissingStatsError) as e:
+            InspectError, MissingAssetError) as e:
         print(f"vllm-smoothquant {args.command}: error: {e}", file=sys.stderr)
         return 2
 

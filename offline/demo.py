@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import gc
 import json
+import statistics
 import time
 from dataclasses import asdict
 
 from . import assets
 from .calibration import token_windows
-from .evaluate import device_name, make_llm, perplexity
-from .pipeline import QuantizeOptions, quantize
+from .evaluate import perplexity
+from .harness import greedy, make_llm, provenance, quiet_vllm
+from .pipeline import GroupReport, QuantizeOptions, quantize
 
 CALIB_SAMPLES, CALIB_LEN = 32, 512
 EVAL_WINDOWS, EVAL_LEN = 16, 512
@@ -23,43 +25,58 @@ PROMPT = "What is the capital of France? Answer in one sentence."
 
 
 def _generate(llm, tokenizer) -> str:
-    from vllm import SamplingParams
-
     text = tokenizer.apply_chat_template(
         [{"role": "user", "content": PROMPT}], tokenize=False, add_generation_prompt=True
     )
-    out = llm.generate([text], SamplingParams(max_tokens=32, temperature=0.0), use_tqdm=False)
-    return out[0].outputs[0].text.strip()
+    return greedy(llm, [text], 32)[0].text.strip()
 
 
-def run_demo() -> int:
-    import torch
-    import vllm
+def alpha_summary(groups: list[GroupReport], requested: float | str | None) -> str:
+    """One line on the migration strength a quantize run used: the α, or min/median/max of the searched ones."""
+    if not groups:
+        return "no smoothing"
+    alphas = [g.alpha for g in groups]
+    if requested == "auto":
+        return (f"α searched per group ({len(alphas)} groups): min {min(alphas):.2f}, "
+                f"median {statistics.median(alphas):.2f}, max {max(alphas):.2f}")
+    which = "family default" if requested is None else "given"
+    return f"α = {alphas[0]:g} ({which}) in all {len(alphas)} smoothing groups"
+
+
+def run_demo(verbose: bool = False) -> int:
     from transformers import AutoTokenizer
 
     base = assets.smollm2_dir()
     calib, heldout = assets.calibration_text(), assets.heldout_text()
     work = assets.cache_dir() / "demo"
+    log = None if verbose else quiet_vllm("demo")  # before vLLM is imported
     variants = {"naive W8A8": (False, work / "smollm2-naive-w8a8"), "SmoothQuant W8A8": (True, work / "smollm2-sq")}
+    quantized = []
     for name, (smooth, path) in variants.items():
         print(f"== quantize: {name} -> {path}")
-        quantize(str(base), path, calib, QuantizeOptions(smooth=smooth, num_samples=CALIB_SAMPLES,
-                                                         seq_len=CALIB_LEN), overwrite=True)
+        opts = QuantizeOptions(smooth=smooth, num_samples=CALIB_SAMPLES, seq_len=CALIB_LEN)
+        r = quantize(str(base), path, calib, opts, overwrite=True)
+        quantized.append({"model": name, "seconds": round(r.seconds, 1), "alpha": alpha_summary(r.groups, opts.alpha)})
+        print(f"   {name}: quantized in {r.seconds:.1f} s; {quantized[-1]['alpha']}")
 
     tok = AutoTokenizer.from_pretrained(base)
     windows = token_windows(heldout, tok, EVAL_WINDOWS, EVAL_LEN)
     rows = []
     runs = [("unquantized", str(base), None)] + [(n, str(p), "smoothquant") for n, (_, p) in variants.items()]
+    if log is not None:
+        print(f"vLLM's log: {log} (--verbose shows it here)")
     for name, model, quant in runs:
         print(f"== vLLM: {name} ({model}, quantization={quant})")
         t = time.perf_counter()
-        llm = make_llm(model, quant)
-        if quant and name.startswith("SmoothQuant"):
-            print(f"\nGeneration ({name}, greedy):\n  Q: {PROMPT}\n  A: {_generate(llm, tok)}\n")
+        llm = make_llm(model, quant, log=log)
+        answer = _generate(llm, tok) if quant and name.startswith("SmoothQuant") else None
+        if answer is not None:
+            print(f"\nGeneration ({name}, greedy):\n  Q: {PROMPT}\n  A: {answer}\n")
         r = perplexity(llm, windows)
         dtype = str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
         rows.append({"model": name, "quantization": quant, "activation_dtype": dtype, **asdict(r),
-                     "seconds": round(time.perf_counter() - t, 1)})
+                     "seconds": round(time.perf_counter() - t, 1),
+                     **({"greedy": {"prompt": PROMPT, "answer": answer}} if answer is not None else {})})
         del llm
         gc.collect()
 
@@ -68,10 +85,12 @@ def run_demo() -> int:
     print(f"|{'-' * 22}|{'-' * 13}|{'-' * 12}|")
     for r in rows:
         print(f"| {r['model']:<20} | {r['activation_dtype']:<11} | {r['ppl']:>10.3f} |")
+    print(f"\nQuantized on {calib.name} ({CALIB_SAMPLES} x {CALIB_LEN} tokens):")
+    for q in quantized:
+        print(f"  {q['model']:<20} {q['seconds']:>6.1f} s   {q['alpha']}")
     result = {
-        "date": time.strftime("%Y-%m-%d"), "device": device_name(),
-        "vllm": vllm.__version__, "torch": torch.__version__, "calibration": f"{calib.name} {CALIB_SAMPLES}x{CALIB_LEN}",
-        "heldout": f"{heldout.name} {EVAL_WINDOWS}x{EVAL_LEN}", "rows": rows,
+        **provenance(), "calibration": f"{calib.name} {CALIB_SAMPLES}x{CALIB_LEN}",
+        "heldout": f"{heldout.name} {EVAL_WINDOWS}x{EVAL_LEN}", "quantize": quantized, "rows": rows,
     }
     (work / "results.json").write_text(json.dumps(result, indent=2))
     print(f"\nresults: {work / 'results.json'}")

@@ -1,15 +1,44 @@
-"""Smoothing mappings as data, keyed by ``config.architectures[0]``.
+"""Architecture knowledge as data, keyed by ``config.architectures[0]``, and what it says about a loaded model.
 
 A :class:`SmoothGroup` names, relative to one decoder layer, the module whose output feeds
 the group's linears (``prev``) and those linears. Smoothing divides ``prev``'s output
 channels by ``s`` and multiplies the linears' input channels by ``s``, so ``prev`` must be
 linear in its output up to a per-channel scale: a LayerNorm/RMSNorm (weight and bias), or a
 Linear followed by nothing, a ReLU, or an elementwise product with another branch.
+
+Introspection beside the data: :func:`layer_linears` (a decoder layer's linears), :func:`attention_heads`
+(query and kv head counts) and :data:`ROW_LAYOUTS` (which output rows of a fused ``prev`` feed a group).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def _v_block(out: int, heads: int, kv_heads: int) -> slice:
+    """[q (heads) | k (kv_heads) | v (kv_heads)] x head_dim: the v block."""
+    return slice((heads + kv_heads) * (out // (heads + 2 * kv_heads)), out)
+
+
+def _v_rows_per_head(out: int, heads: int, kv_heads: int) -> torch.Tensor:
+    """Per head h: [q_h | k_h | v_h], head_dim rows each (BLOOM, Falcon without multi_query): every head's v rows."""
+    d = out // (3 * heads)
+    return (torch.arange(heads).view(-1, 1) * 3 * d + 2 * d + torch.arange(d)).reshape(-1)
+
+
+def _up_half(out: int, heads: int, kv_heads: int) -> slice:
+    """[gate | up]: the up half."""
+    return slice(out // 2, out)
+
+
+# Which output rows of a fused `prev` linear (`out` rows) feed a group, in the order of the group's input channels.
+ROW_LAYOUTS: dict[str, Callable[[int, int, int], slice | torch.Tensor]] = {
+    "qkv:v": _v_block, "qkv:v-per-head": _v_rows_per_head, "gate_up:up": _up_half,
+}
 
 
 @dataclass(frozen=True)
@@ -23,8 +52,17 @@ class SmoothGroup:
     norm_offset: float = 0.0  # prev is a norm computing x_hat * (norm_offset + weight): Gemma's RMSNorm uses 1
     # prev is a fused linear of which only some output rows feed the group: "qkv:v" = the v block of
     # [q | k | v] (heads x head_dim rows each), "qkv:v-per-head" = the v rows of BLOOM's per-head
-    # [q_h | k_h | v_h] layout, "gate_up:up" = the second half of [gate | up]
+    # [q_h | k_h | v_h] layout, "gate_up:up" = the second half of [gate | up] (ROW_LAYOUTS)
     prev_rows: str | None = None
+
+    def __post_init__(self):
+        if self.prev_rows is not None and self.prev_rows not in ROW_LAYOUTS:
+            raise ValueError(f"SmoothGroup {self.name!r}: unknown prev_rows {self.prev_rows!r}; "
+                             f"use one of {sorted(ROW_LAYOUTS)}")
+
+    def rows(self, prev: nn.Module, heads: int, kv_heads: int) -> slice | torch.Tensor | None:
+        """The output rows of ``prev`` that feed this group (None: all of them)."""
+        return None if self.prev_rows is None else ROW_LAYOUTS[self.prev_rows](prev.weight.shape[0], heads, kv_heads)
 
 
 @dataclass(frozen=True)
@@ -33,28 +71,37 @@ class ArchMapping:
     groups: tuple[SmoothGroup, ...]
     default_alpha: float
     layer_returns_tuple: bool = False  # the decoder layer returns (hidden_states, ...) instead of a tensor
+    # linears of a decoder layer that vLLM packs into one layer (QKVParallelLinear, MergedColumnParallelLinear):
+    # they run with one activation scheme. Linears fused in the checkpoint itself (Phi-3, BLOOM, Falcon) are one.
+    fused: tuple[tuple[str, ...], ...] = ()
+
+
+_QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+_GATE_UP = ("mlp.gate_proj", "mlp.up_proj")
 
 
 _LLAMA = ArchMapping(
     layers="model.layers",
     groups=(
-        SmoothGroup("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-        SmoothGroup("gate_up", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+        SmoothGroup("qkv", "input_layernorm", _QKV),
+        SmoothGroup("gate_up", "post_attention_layernorm", _GATE_UP),
         SmoothGroup("o", "self_attn.v_proj", ("self_attn.o_proj",), attention_heads=True),
         SmoothGroup("down", "mlp.up_proj", ("mlp.down_proj",)),  # silu(gate) * up is linear in up
     ),
     default_alpha=0.8,
+    fused=(_QKV, _GATE_UP),
 )
 
 _OPT = ArchMapping(
     layers="model.decoder.layers",
     groups=(
-        SmoothGroup("qkv", "self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+        SmoothGroup("qkv", "self_attn_layer_norm", _QKV),
         SmoothGroup("fc1", "final_layer_norm", ("fc1",)),
         SmoothGroup("o", "self_attn.v_proj", ("self_attn.out_proj",), attention_heads=True),
         SmoothGroup("fc2", "fc1", ("fc2",)),  # ReLU(x / s) = ReLU(x) / s for s > 0
     ),
     default_alpha=0.5,
+    fused=(_QKV,),
 )
 
 # Phi-3 stores q/k/v and gate/up fused (qkv_proj, gate_up_proj): v->o and up->down divide only the v / up rows.
@@ -83,7 +130,8 @@ _BLOOM = ArchMapping(
     layer_returns_tuple=True,
 )
 
-# Falcon (parallel attention, one input_layernorm feeding attention and MLP): one group of both linears;
+# Falcon (parallel attention, one input_layernorm feeding attention and MLP): one smoothing group of both linears,
+# which vLLM still runs as two layers (query_key_value, dense_h_to_4h), each with its own activation scheme;
 # v -> dense through the v rows of query_key_value: [q heads | k | v] with multi_query (7B), per head
 # [q_h | k_h | v_h] without (mapping_for picks); GELU blocks fc1 -> fc2.
 _FALCON = ArchMapping(
@@ -107,6 +155,7 @@ _GEMMA = ArchMapping(
         *_LLAMA.groups[2:],  # v -> o, up -> down
     ),
     default_alpha=0.8,
+    fused=_LLAMA.fused,
 )
 
 # Gemma 2/3: the attention and MLP outputs pass through their own norms before the residual add; the MLP input
@@ -120,6 +169,7 @@ _GEMMA2 = ArchMapping(
         *_LLAMA.groups[2:],
     ),
     default_alpha=0.8,
+    fused=_LLAMA.fused,
 )
 
 MAPPINGS: dict[str, ArchMapping] = {
@@ -152,7 +202,7 @@ def mapping_for(config) -> ArchMapping:
     if archs[0] not in MAPPINGS:
         raise UnsupportedArchitectureError(
             f"architecture {archs[0]!r} has no SmoothQuant mapping. Supported: {', '.join(sorted(MAPPINGS))}. "
-            "Add an ArchMapping to vllm_smoothquant/offline/mappings.py (norm -> linears it feeds)."
+            "Add an ArchMapping to offline/mappings.py (norm -> linears it feeds)."
         )
     if archs[0] == "FalconForCausalLM" and (getattr(config, "new_decoder_architecture", False)
                                             or not getattr(config, "parallel_attn", True)):
@@ -165,3 +215,16 @@ def mapping_for(config) -> ArchMapping:
         o = replace(_FALCON.groups[1], prev_rows="qkv:v-per-head")
         return replace(_FALCON, groups=(_FALCON.groups[0], o))
     return MAPPINGS[archs[0]]
+
+
+def layer_linears(layer: nn.Module) -> dict[str, nn.Linear]:
+    """Every ``nn.Linear`` of one decoder layer, by name inside the layer (e.g. ``self_attn.q_proj``)."""
+    return {n: m for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+
+
+def attention_heads(config) -> tuple[int, int]:
+    """(query heads, kv heads); Falcon-7B's multi_query means one kv head."""
+    heads = config.num_attention_heads
+    if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
+        return heads, 1
+    return heads, getattr(config, "num_key_value_heads", None) or heads

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_smoothquant.format import Q_MAX
+from vllm_smoothquant.format import Q_MAX, ActivationScheme
 
 _TINY = 1e-12  # an all-zero row gets this scale instead of 0
 
@@ -36,10 +36,11 @@ def static_input_scale(act_absmax: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def fake_quant_activations(x: torch.Tensor, scheme: str, absmax: torch.Tensor | None = None) -> torch.Tensor:
-    """int8 quantize-dequantize of ``x: [tokens, in]`` as vLLM's kernel does: "token" (dynamic, one
-    scale per row) or "static" (one scale = ``absmax`` / 127 from calibration)."""
-    if scheme == "token":
+def fake_quant_activations(x: torch.Tensor, scheme: ActivationScheme,
+                           absmax: torch.Tensor | None = None) -> torch.Tensor:
+    """int8 quantize-dequantize of ``x: [tokens, in]`` as vLLM's kernel does: dynamic (one scale per row, the
+    only dynamic granularity vLLM's int8 kernels have) or static (one scale = ``absmax`` / 127 from calibration)."""
+    if scheme.dynamic:
         scale = (x.abs().amax(dim=-1, keepdim=True) / Q_MAX).clamp(min=_TINY)
     else:
         scale = (absmax.float() / Q_MAX).clamp(min=_TINY)

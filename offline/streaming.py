@@ -9,23 +9,75 @@
 2. :func:`run_layer` pushes the recorded hidden states of all batches through one layer.
 
 With the layer's output as the next layer's input, only one decoder layer at a time needs to be
-on the compute device in the compute dtype; the rest of the model stays in its storage dtype.
+on the compute device in the compute dtype. The hidden states of all batches (the calibration
+activations, ``windows x seq x hidden``) live in an :class:`Activations` store: on the compute device
+by default, in host memory or in files on disk when they do not fit there.
 """
 
 from __future__ import annotations
 
+import shutil
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import nn
+
+from vllm_smoothquant.format import ActivationScheme
 
 from .quantization import fake_quant_activations
 
 
+class Activations:
+    """The hidden states of every calibration batch, kept on ``device`` (``offload=None``), in host memory
+    (``"cpu"``) or as one file per batch in ``directory`` (``"disk"``); indexing returns them on ``device``."""
+
+    def __init__(self, device: str | torch.device, offload: str | None = None, directory: Path | None = None):
+        self.device, self.offload, self.directory = torch.device(device), offload, directory
+        self._items: list[torch.Tensor | Path] = []
+        self._writes = 0
+        self.nbytes = 0
+        self.description = ""  # for the summary: how much, and where
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def _store(self, t: torch.Tensor) -> torch.Tensor | Path:
+        if self.offload == "disk":  # a new file per write: a batch being read may still map the old one
+            self._writes += 1
+            path = self.directory / f"batch-{self._writes}.safetensors"
+            save_file({"h": t.detach().cpu().contiguous()}, path)
+            return path
+        return t.detach().cpu() if self.offload == "cpu" else t.detach()
+
+    def append(self, t: torch.Tensor) -> None:
+        self._items.append(self._store(t))
+        self.nbytes += t.numel() * t.element_size()
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        item = self._items[j]
+        if isinstance(item, Path):  # copied out of the file mapping: aligned memory, the same matmul results
+            with safe_open(item, "pt") as f:
+                return f.get_tensor("h").to(self.device, copy=True)
+        return item.to(self.device)
+
+    def __setitem__(self, j: int, t: torch.Tensor) -> None:
+        old, self._items[j] = self._items[j], self._store(t)
+        if isinstance(old, Path):
+            old.unlink()
+
+    def close(self) -> None:
+        self._items.clear()
+        if self.directory is not None:
+            shutil.rmtree(self.directory, ignore_errors=True)
+
+
 @dataclass
 class LayerInputs:
-    hidden: list[torch.Tensor]  # per batch: [windows in the batch, seq, hidden]
+    hidden: Activations | list[torch.Tensor]  # per batch: [windows in the batch, seq, hidden]
     kwargs: list[list[dict]]  # [layer][batch]: keyword arguments of that layer's call
 
 
@@ -49,33 +101,40 @@ class _Catcher(nn.Module):
         return (hidden_states,) if self.returns_tuple else hidden_states
 
 
-@torch.no_grad()
-def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[list[int]],
-                         device: str | torch.device, dtype: torch.dtype, returns_tuple: bool = False,
-                         batch_size: int = 1) -> LayerInputs:
-    """Layer 0's hidden states per batch of windows (see :func:`batches`) and every layer's keyword arguments.
-
-    ``returns_tuple``: the model's layers return ``(hidden_states, ...)`` (BLOOM, Falcon), so the
-    catchers do too.
-
-    Everything but the decoder layers (embeddings, rotary tables, final norm) is moved to
-    ``device``/``dtype`` here; the layers are left where they are.
-    """
+@contextmanager
+def catchers(layers: nn.ModuleList, returns_tuple: bool):
+    """While active, every decoder layer is a catcher; yields ``(calls, first)``: per layer the keyword arguments
+    of its calls, and layer 0's catcher (hook it to see the hidden states)."""
     originals = list(layers)
     calls: list[list[dict]] = [[] for _ in originals]
-    hidden: list[torch.Tensor] = []
-    first = _Catcher(calls[0], returns_tuple)
-    first.register_forward_hook(lambda _m, args, kwargs, _out: hidden.append(
-        (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
     for i in range(len(originals)):
-        layers[i] = first if i == 0 else _Catcher(calls[i], returns_tuple)
+        layers[i] = _Catcher(calls[i], returns_tuple)
     try:
-        to_compute(model, device, dtype)  # the catchers hold no weights: only the non-layer modules move
-        for batch in batches(windows, batch_size):
-            model.base_model(torch.tensor(batch, device=device), use_cache=False)
+        yield calls, layers[0]
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
+
+
+@torch.no_grad()
+def capture_layer_inputs(model: nn.Module, layers: nn.ModuleList, windows: list[list[int]],
+                         device: str | torch.device, dtype: torch.dtype, returns_tuple: bool = False,
+                         batch_size: int = 1, hidden: Activations | None = None) -> LayerInputs:
+    """Layer 0's hidden states per batch of windows (see :func:`batches`) and every layer's keyword arguments.
+
+    ``returns_tuple``: the model's layers return ``(hidden_states, ...)`` (BLOOM, Falcon), so the
+    catchers do too. ``hidden``: where the hidden states go (default: a list on ``device``).
+
+    The base model without its decoder layers (embeddings, rotary tables, final norm) is moved to
+    ``device``/``dtype`` here; the layers and the LM head are left where they are.
+    """
+    hidden = [] if hidden is None else hidden
+    with catchers(layers, returns_tuple) as (calls, first):
+        first.register_forward_hook(lambda _m, args, kwargs, _out: hidden.append(
+            (args[0] if args else kwargs["hidden_states"]).detach()), with_kwargs=True)
+        to_compute(model.base_model, device, dtype)  # the catchers hold no weights: only the non-layer modules move
+        for batch in batches(windows, batch_size):
+            model.base_model(torch.tensor(batch, device=device), use_cache=False)
     return LayerInputs(hidden, calls)
 
 
@@ -94,9 +153,18 @@ def _as_hidden(out) -> torch.Tensor:
 
 
 @torch.no_grad()
-def run_layer(layer: nn.Module, hidden: list[torch.Tensor], kwargs: list[dict]) -> list[torch.Tensor]:
-    """The layer's output hidden states for every batch."""
-    return [_as_hidden(layer(h, **kw)) for h, kw in zip(hidden, kwargs)]
+def run_layer(layer: nn.Module, hidden: Activations | list[torch.Tensor], kwargs: list[dict],
+              update: bool = False) -> list[torch.Tensor] | None:
+    """The layer over every batch. ``update``: each batch's output replaces its input in ``hidden`` (the next
+    layer's input; returns None); else the outputs are returned."""
+    outs = []
+    for j, kw in enumerate(kwargs):
+        out = _as_hidden(layer(hidden[j], **kw))
+        if update:
+            hidden[j] = out
+        else:
+            outs.append(out)
+    return None if update else outs
 
 
 @contextmanager
@@ -135,14 +203,14 @@ def record_inputs(linears: dict[str, nn.Linear], sample_rows: int = 0, num_calls
 
 
 @contextmanager
-def quantized_activations(linears: dict[str, nn.Linear], schemes: dict[str, str],
+def quantized_activations(linears: dict[str, nn.Linear], schemes: dict[str, ActivationScheme],
                           input_absmax: dict[str, torch.Tensor]):
     """While active, each linear's input is int8 quantize-dequantized as vLLM's kernel does it
-    (``schemes[name]``: "token" or "static" with scale ``input_absmax[name].max() / 127``)."""
+    (``schemes[name]``: dynamic per token, or static with scale ``input_absmax[name].max() / 127``)."""
 
     def hook(name):
         scheme = schemes[name]
-        absmax = input_absmax[name].amax() if scheme == "static" else None
+        absmax = None if scheme.dynamic else input_absmax[name].amax()
 
         def fn(_mod, inputs):
             x = inputs[0]

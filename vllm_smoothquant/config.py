@@ -48,6 +48,13 @@ class SmoothQuantConfig(QuantizationConfig):
     def from_config(cls, config: dict[str, Any]) -> "SmoothQuantConfig":
         return cls(SmoothQuantFormat.from_dict(config))
 
+    def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
+        """vLLM 0.26 and 0.32 call this once the engine config is built, before any weight is read:
+        check the checkpoint's safetensors headers against the format (``checkpoint.py``)."""
+        from .checkpoint import check_checkpoint
+
+        check_checkpoint(model_name, self.fmt)
+
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
         """Pick ``smoothquant`` for SmoothQuant checkpoints even without ``--quantization``."""
@@ -56,7 +63,22 @@ class SmoothQuantConfig(QuantizationConfig):
                 return QUANT_METHOD
         return None
 
+    @property
+    def kv_cache_scheme(self) -> dict[str, Any] | None:
+        """Not None for a checkpoint with calibrated KV-cache scales: vLLM's ``Attention`` (0.26 and 0.32) then
+        turns ``--kv-cache-dtype auto`` into ``fp8`` by itself (``kv_cache.py``), where the platform has an fp8
+        KV cache."""
+        from .kv_cache import fp8_kv_cache_unsupported
+
+        if self.fmt.kv_cache is None or fp8_kv_cache_unsupported():
+            return None
+        return {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
+        from .kv_cache import SmoothQuantKVCacheMethod, is_attention
+
+        if is_attention(layer):
+            return SmoothQuantKVCacheMethod.for_layer(self, self.fmt, layer, prefix)
         if not isinstance(layer, LinearBase):
             return None  # embeddings, lm_head, norms stay in the model dtype
         if is_layer_skipped(prefix, list(self.fmt.ignore), self.packed_modules_mapping):

@@ -1,4 +1,4 @@
-"""SmoothQuant checkpoint format, version 1: the typed ``quantization_config``.
+"""SmoothQuant checkpoint format, version 2 (version 1 still read): the typed ``quantization_config``.
 
 Shared by the offline writer and the vLLM plugin, so both sides validate the same
 schema. A checkpoint is a normal Hugging Face model directory whose ``config.json``
@@ -6,13 +6,14 @@ carries::
 
     "quantization_config": {
         "quant_method": "smoothquant",
-        "format_version": 1,
+        "format_version": 1,          # 2 when kv_cache is set (version 1 has no kv_cache)
         "weights":     {"num_bits": 8, "strategy": "channel", "symmetric": true},
         "activations": {"num_bits": 8, "strategy": "token", "dynamic": true, "symmetric": true},
         "alpha": 0.5, "smoothed": true,
         "ignore": ["lm_head"],
         "activation_overrides": {"down_proj": {"num_bits": 8, "strategy": "token", "dynamic": true, "symmetric": true}},
-        "calibration": {"source": "...", "num_samples": 128, "seq_len": 512}
+        "calibration": {"source": "...", "num_samples": 128, "seq_len": 512},
+        "kv_cache": {"dtype": "fp8_e4m3", "strategy": "tensor"}
     }
 
 ``activation_overrides`` (optional) gives some modules another activation scheme than
@@ -25,8 +26,17 @@ and whose safetensors hold, for every quantized Linear ``<name>``:
 - ``<name>.weight_scale`` float32 ``[out, 1]`` (strategy "channel") or ``[1]`` ("tensor")
 - ``<name>.input_scale``  float32 ``[1]`` only when activations are static.
 
-The tensor names and meanings are those of compressed-tensors' W8A8-int8, so one set of
-safetensors serves both formats (see ``vllm-smoothquant convert``).
+``kv_cache`` (format 2; absent or null: none) declares calibrated 8-bit KV-cache scales: for every
+decoder layer's attention module ``<attn>`` (the Hugging Face module that computes K and V, e.g.
+``model.layers.3.self_attn``, BLOOM/Falcon ``transformer.h.3.self_attention``):
+
+- ``<attn>.k_scale``, ``<attn>.v_scale`` float32, ``[1]`` (strategy "tensor") or ``[num_kv_heads]``
+  ("head"): :func:`kv_scale` of the max |K| / |V| as they enter the cache (after rotary embedding
+  and q/k norms; V after smoothing), over the calibration set. The cache holds ``fp8_e4m3(K / k_scale)``.
+
+The tensor names and meanings are those of compressed-tensors' W8A8-int8 (and of its
+``kv_cache_scheme``), so one set of safetensors serves both formats (see ``vllm-smoothquant convert``);
+vLLM loads ``<attn>.k_scale`` as the scale of the attention layer ``<attn>.attn``.
 """
 
 from __future__ import annotations
@@ -35,11 +45,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 QUANT_METHOD = "smoothquant"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # the newest version this code reads and writes; a checkpoint without kv_cache is written as 1
+KV_CACHE_FORMAT_VERSION = 2  # the first version with kv_cache
 Q_MAX = 127
+FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
+KV_SCALE_MIN = 1e-6  # floor of a KV-cache scale: a head whose K or V was all zeros still gets a valid (> 0) scale
 
 WEIGHT_STRATEGIES = ("channel", "tensor")
 ACTIVATION_STRATEGIES = ("token", "tensor")  # token: dynamic; tensor: static input_scale
+KV_CACHE_DTYPES = ("fp8_e4m3",)
+KV_CACHE_STRATEGIES = ("tensor", "head")  # one scale per attention layer, or one per KV head
 
 
 class FormatError(ValueError):
@@ -115,6 +130,33 @@ class ActivationScheme:
         return cls(strategy=strategy, dynamic=dynamic)
 
 
+def kv_scale(absmax):
+    """The fp8 e4m3 KV-cache scale for a max |K| or |V| (a float32 tensor of any shape): ``absmax / 448``,
+    at least :data:`KV_SCALE_MIN`, so the largest calibrated value maps to e4m3's largest finite value."""
+    return (absmax.float() / FP8_E4M3_MAX).clamp(min=KV_SCALE_MIN)
+
+
+@dataclass(frozen=True)
+class KVCacheScheme:
+    """Calibrated 8-bit KV cache: ``dtype`` of the cache, one scale per layer ("tensor") or per KV head ("head")."""
+
+    dtype: str = "fp8_e4m3"
+    strategy: str = "tensor"
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "['kv_cache']") -> "KVCacheScheme":
+        if not isinstance(d, dict):
+            raise FormatError(f"quantization_config{where} must be null or an object like {asdict(cls())}.")
+        unknown = sorted(set(d) - {"dtype", "strategy"})
+        if unknown:
+            raise FormatError(f"quantization_config{where} has unknown key(s) {unknown}; it takes 'dtype' and "
+                              "'strategy'.")
+        return cls(
+            dtype=_check_choice(_require(d, "dtype", where), KV_CACHE_DTYPES, where + "['dtype']"),
+            strategy=_check_choice(_require(d, "strategy", where), KV_CACHE_STRATEGIES, where + "['strategy']"),
+        )
+
+
 @dataclass(frozen=True)
 class Calibration:
     source: str = ""
@@ -134,8 +176,13 @@ class SmoothQuantFormat:
     ignore: tuple[str, ...] = ("lm_head",)
     activation_overrides: dict[str, ActivationScheme] = field(default_factory=dict)  # module-name suffix -> scheme
     calibration: Calibration = field(default_factory=Calibration)
-    format_version: int = FORMAT_VERSION
+    kv_cache: KVCacheScheme | None = None  # None: the KV cache is not calibrated (16-bit, or fp8 with scale 1.0)
     quant_method: str = QUANT_METHOD
+
+    @property
+    def format_version(self) -> int:
+        """The oldest format version that holds this config (so older readers keep loading what they can)."""
+        return KV_CACHE_FORMAT_VERSION if self.kv_cache is not None else 1
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "SmoothQuantFormat":
@@ -145,10 +192,16 @@ class SmoothQuantFormat:
         if method != QUANT_METHOD:
             raise FormatError(f"quantization_config['quant_method'] is {method!r}, expected {QUANT_METHOD!r}.")
         version = _require(d, "format_version", "")
-        if version != FORMAT_VERSION:
+        if isinstance(version, bool) or version not in range(1, FORMAT_VERSION + 1):
             raise FormatError(
                 f"quantization_config['format_version'] = {version!r} is not supported by this version of "
-                f"vllm-smoothquant (it reads version {FORMAT_VERSION}); upgrade vllm-smoothquant or re-quantize."
+                f"vllm-smoothquant (it reads versions 1 to {FORMAT_VERSION}); upgrade vllm-smoothquant or re-quantize."
+            )
+        kv_cache = d.get("kv_cache")
+        if kv_cache is not None and version < KV_CACHE_FORMAT_VERSION:
+            raise FormatError(
+                f"quantization_config['kv_cache'] needs format_version {KV_CACHE_FORMAT_VERSION} (this config says "
+                f"{version}); set format_version to {KV_CACHE_FORMAT_VERSION} or re-quantize."
             )
         ignore = d.get("ignore", [])
         if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
@@ -178,6 +231,7 @@ class SmoothQuantFormat:
                 num_samples=int(cal.get("num_samples", 0)),
                 seq_len=int(cal.get("seq_len", 0)),
             ),
+            kv_cache=None if kv_cache is None else KVCacheScheme.from_dict(kv_cache),
         )
 
     def activations_for(self, module: str) -> ActivationScheme:
@@ -188,5 +242,7 @@ class SmoothQuantFormat:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["ignore"] = list(self.ignore)
+        if d["kv_cache"] is None:
+            del d["kv_cache"]  # a version-1 config, as version-1 readers know it
         # Keys first that a reader looks for first.
-        return {"quant_method": d.pop("quant_method"), "format_version": d.pop("format_version"), **d}
+        return {"quant_method": d.pop("quant_method"), "format_version": self.format_version, **d}

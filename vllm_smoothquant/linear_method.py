@@ -5,17 +5,21 @@ sharding go through vLLM's own ``weight_loader_v2``. The GEMM is vLLM's int8 ker
 by ``init_int8_linear_kernel``: ``scaled_int8_quant`` (per-token dynamic or static) +
 ``cutlass_scaled_mm`` on CUDA, oneDNN on CPU.
 
-The loaders are wrapped with checks, so a checkpoint that does not match the declared
-format fails at load time with the tensor's name and the fix, instead of being silently cast.
+The loaders are wrapped with checks, so a checkpoint tensor that does not match the declared
+format (dtype, rank, columns, and rows: those vLLM's layer expects for the shard, before the
+tensor-parallel slice) fails at load time with the tensor's name and the fix, instead of being
+silently cast or reaching a bare ``AssertionError``. Each loader records the shards it received,
+so a fused layer's shard (or a whole layer) the checkpoint lacks is an error after loading,
+not uninitialised memory. The checkpoint's files were checked before loading (``checkpoint.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import torch
 from vllm.model_executor.kernels.linear import init_int8_linear_kernel
-from vllm.model_executor.layers.linear import LinearMethodBase
+from vllm.model_executor.layers.linear import LinearMethodBase, MergedColumnParallelLinear, QKVParallelLinear
 from vllm.model_executor.parameter import (
     BasevLLMParameter,
     ChannelQuantScaleParameter,
@@ -23,45 +27,57 @@ from vllm.model_executor.parameter import (
     PerTensorScaleParameter,
 )
 
+from .checkpoint import FIX as _FIX
+from .checkpoint import CheckpointTensorError
 from .format import ActivationScheme, SmoothQuantFormat
 
-_FIX = "re-create the checkpoint with `vllm-smoothquant quantize` (format v1: int8 weight [out, in], float32 scales)"
+# Load formats whose loader feeds checkpoint tensors through the model's ``load_weights`` (so through the
+# loaders below), in vLLM 0.26 and 0.32 alike. Others (dummy, sharded_state, tensorizer, plugins) fill
+# parameters by other means: there a shard no loader received is not missing.
+_LOADER_FORMATS = frozenset(
+    {"auto", "hf", "safetensors", "fastsafetensors", "instanttensor", "mistral", "npcache", "pt", "runai_streamer"}
+)
 
 
-class CheckpointTensorError(ValueError):
-    """A checkpoint tensor does not match the SmoothQuant format declared in config.json."""
+def _load_format() -> str | None:
+    """The engine's ``--load-format``, or None outside an engine (unit use of the method)."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    cfg = get_current_vllm_config_or_none()
+    fmt = getattr(getattr(cfg, "load_config", None), "load_format", None)
+    return None if fmt is None else str(getattr(fmt, "value", fmt))
 
 
-def _checked(loader: Callable, name: str, dtype: torch.dtype, ndim: int, last_dim: int | None) -> Callable:
-    """Wrap a vLLM weight loader so wrong dtype/shape is an error naming the tensor."""
+def _packed_modules() -> Mapping[str, list[str]]:
+    """The model's fused layers (``qkv_proj -> [q_proj, k_proj, v_proj]``), set on the quant config by vLLM."""
+    from vllm.config import get_current_vllm_config_or_none
 
-    def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
-        shard = args[0] if args else kwargs.get("loaded_shard_id")
-        where = f"{name}" + (f" (shard {shard!r})" if shard is not None else "")
-        if loaded_weight.dtype != dtype:
-            raise CheckpointTensorError(
-                f"{where}: checkpoint tensor has dtype {loaded_weight.dtype}, the SmoothQuant format "
-                f"declares {dtype}; {_FIX}."
-            )
-        if loaded_weight.dim() != ndim or (last_dim is not None and loaded_weight.shape[-1] != last_dim):
-            want = f"{ndim}-d" + (f" with last dim {last_dim}" if last_dim is not None else "")
-            raise CheckpointTensorError(
-                f"{where}: checkpoint tensor has shape {tuple(loaded_weight.shape)}, expected {want}; {_FIX}."
-            )
-        return loader(param, loaded_weight, *args, **kwargs)
-
-    return load
+    cfg = get_current_vllm_config_or_none()
+    return getattr(getattr(cfg, "quant_config", None), "packed_modules_mapping", None) or {}
 
 
-def _dummy_load() -> bool:
-    """True under ``--load-format dummy`` (random scales: speed runs only, values not checked)."""
-    try:
-        from vllm.config import get_current_vllm_config
+def layer_shards(layer: torch.nn.Module) -> tuple:
+    """The shard ids vLLM's loaders pass for ``layer``: q/k/v, 0..n-1 of a merged layer, (None,) if not fused."""
+    if isinstance(layer, QKVParallelLinear):
+        return ("q", "k", "v")
+    if isinstance(layer, MergedColumnParallelLinear):
+        return tuple(range(len(layer.output_sizes)))
+    return (None,)
 
-        return str(get_current_vllm_config().load_config.load_format) == "dummy"
-    except Exception:  # no vLLM config in scope (unit use of the method)
-        return False
 
+def checkpoint_rows(layer: torch.nn.Module, shard) -> int | None:
+    """Output rows of the checkpoint tensor that vLLM loads into ``layer`` as ``shard`` (every TP rank gets
+    the whole tensor and slices it); None where unknown (a layer type with other shards)."""
+    if isinstance(layer, QKVParallelLinear):
+        v_head = getattr(layer, "v_head_size", layer.head_size)
+        sizes = {"q": layer.total_num_heads * layer.head_size, "k": layer.total_num_kv_heads * layer.head_size,
+                 "v": layer.total_num_kv_heads * v_head}
+    elif isinstance(layer, MergedColumnParallelLinear):
+        sizes = dict(enumerate(layer.output_sizes))  # full sizes: vLLM divides them by tp_size itself
+    else:
+        return layer.output_size if shard is None else None
+    ids = tuple(sizes) if shard is None else shard if isinstance(shard, tuple) else (shard,)
+    return sum(sizes[i] for i in ids) if all(i in sizes for i in ids) else None
 
 class SmoothQuantLinearMethod(LinearMethodBase):
     """W8A8 int8 linear: ``y = (s_x * s_w) * (q(x) @ W_q^T) + bias``."""
@@ -71,6 +87,9 @@ class SmoothQuantLinearMethod(LinearMethodBase):
         self.prefix = prefix
         self.activations = activations or fmt.activations  # this layer's scheme (activation_overrides applied)
         self.kernel = None
+        self.shards: tuple = (None,)  # the shard ids this layer's loaders must each receive
+        self.received: dict[str, set] = {}  # parameter name -> shard ids its loader received (None: whole)
+        self.checkpoint_names: dict = {}  # shard id -> checkpoint module name (q -> ...self_attn.q_proj)
 
     def create_weights(
         self,
@@ -92,28 +111,32 @@ class SmoothQuantLinearMethod(LinearMethodBase):
             input_symmetric=True,
             module_name=type(self).__name__,
         )
+        self.shards = layer_shards(layer)
+        parent, _, leaf = self.prefix.rpartition(".")
+        parts = _packed_modules().get(leaf) or []
+        if len(parts) == len(self.shards) > 1:
+            self.checkpoint_names = {s: f"{parent}.{n}" if parent else n for s, n in zip(self.shards, parts)}
         rows = sum(output_partition_sizes)
-        p = self.prefix
 
         weight = ModelWeightParameter(
             data=torch.empty(rows, input_size_per_partition, dtype=torch.int8),
             input_dim=1,
             output_dim=0,
-            weight_loader=_checked(loader, f"{p}.weight", torch.int8, 2, input_size),
+            weight_loader=self._checked(layer, loader, "weight", torch.int8, (None, input_size)),
         )
         layer.register_parameter("weight", weight)
 
-        # Scales start as NaN: a tensor missing from the checkpoint stays NaN and is reported.
+        # Scales start as NaN: a value the checkpoint does not set is reported, not used.
         if channelwise:
             weight_scale = ChannelQuantScaleParameter(
                 data=torch.full((rows, 1), float("nan"), dtype=torch.float32),
                 output_dim=0,
-                weight_loader=_checked(loader, f"{p}.weight_scale", torch.float32, 2, 1),
+                weight_loader=self._checked(layer, loader, "weight_scale", torch.float32, (None, 1)),
             )
         else:
             weight_scale = PerTensorScaleParameter(
                 data=torch.full((len(output_partition_sizes),), float("nan"), dtype=torch.float32),
-                weight_loader=_checked(loader, f"{p}.weight_scale", torch.float32, 1, 1),
+                weight_loader=self._checked(layer, loader, "weight_scale", torch.float32, (1,)),
             )
         layer.register_parameter("weight_scale", weight_scale)
 
@@ -121,21 +144,90 @@ class SmoothQuantLinearMethod(LinearMethodBase):
         if static:
             input_scale = BasevLLMParameter(
                 data=torch.full((1,), float("nan"), dtype=torch.float32),
-                weight_loader=_checked(loader, f"{p}.input_scale", torch.float32, 1, 1),
+                weight_loader=self._checked(layer, loader, "input_scale", torch.float32, (1,)),
             )
         layer.register_parameter("input_scale", input_scale)
         layer.register_parameter("input_zero_point", None)
         if not hasattr(layer, "azp_adj"):
             layer.register_parameter("azp_adj", None)
 
+    def describe(self, param: str, shard=None) -> str:
+        """The checkpoint tensor behind ``param`` (and ``shard``), with vLLM's name where they differ."""
+        vllm_name = f"{self.prefix}.{param}"
+        if shard is None:
+            return vllm_name
+        if shard in self.checkpoint_names:
+            return f"{self.checkpoint_names[shard]}.{param} (vLLM: {vllm_name}, shard {shard!r})"
+        return f"{vllm_name} (shard {shard!r})"
+
+    def _checked(self, layer: torch.nn.Module, loader: Callable, param: str, dtype: torch.dtype,
+                 shape: tuple[int | None, ...]) -> Callable:
+        """Wrap vLLM's loader: dtype and shape checked (a None row count: the rows vLLM's layer expects for
+        the shard), then the shard recorded as received."""
+        received = self.received.setdefault(param, set())
+
+        def load(p, loaded_weight: torch.Tensor, *args, **kwargs):
+            shard = args[0] if args else kwargs.get("loaded_shard_id")
+            where = self.describe(param, shard)
+            if loaded_weight.dtype != dtype:
+                raise CheckpointTensorError(
+                    f"{where}: checkpoint tensor has dtype {loaded_weight.dtype}, the SmoothQuant format "
+                    f"declares {dtype}; {_FIX}."
+                )
+            want = tuple(checkpoint_rows(layer, shard) if d is None else d for d in shape)
+            got = tuple(loaded_weight.shape)
+            if len(got) != len(want) or any(w is not None and g != w for g, w in zip(got, want)):
+                show = "[" + ", ".join("?" if w is None else str(w) for w in want) + "]"
+                raise CheckpointTensorError(
+                    f"{where}: checkpoint tensor has shape {list(got)}, but vLLM's layer {self.prefix} (built "
+                    f"from config.json) expects {show}; the checkpoint was made for another model config or "
+                    f"was edited: {_FIX} from the model whose config.json it has."
+                )
+            out = loader(p, loaded_weight, *args, **kwargs)
+            received.update(shard if isinstance(shard, tuple) else (shard,))
+            return out
+
+        return load
+
+    def missing(self) -> list[str]:
+        """Checkpoint tensors (and shards) no loader received: ``[]`` once every shard of every parameter came."""
+        out = []
+        for param, got in self.received.items():
+            if None in got:
+                continue  # loaded whole (a non-fused layer, or a fused tensor such as Phi-3's qkv_proj)
+            out += [self.describe(param, s) for s in self.shards if s not in got]
+        return out
+
+    def bad_scales(self, layer: torch.nn.Module, name: str) -> list[str]:
+        """The checkpoint tensors whose values in ``layer.<name>`` are not finite and > 0 (a shard's rows of a
+        channel scale, a shard's entry of a per-tensor scale, or the one input scale)."""
+        t = getattr(layer, name, None)
+        if t is None:
+            return []
+        ok = (torch.isfinite(t) & (t > 0)).reshape(t.shape[0], -1).all(dim=1).tolist()
+        if all(ok):
+            return []
+        if name == "input_scale" or None in self.shards or None in self.received.get(name, ()):
+            return [self.describe(name)]  # one checkpoint tensor
+        if t.dim() == 1:  # per tensor: one entry per shard
+            return [self.describe(name, self.shards[i]) for i, good in enumerate(ok) if not good]
+        bounds = torch.tensor(layer.logical_widths).cumsum(0).tolist()  # per channel: this rank's rows per shard
+        bad = {next(i for i, b in enumerate(bounds) if r < b) for r, good in enumerate(ok) if not good}
+        return [self.describe(name, self.shards[i]) for i in sorted(bad)]
+
     def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
-        if not _dummy_load():
+        load_format = _load_format()
+        if load_format != "dummy":  # dummy: random scales, speed runs only, values not checked
+            if load_format in _LOADER_FORMATS and (missing := self.missing()):
+                raise CheckpointTensorError(
+                    f"{', '.join(missing)}: missing from the checkpoint (vLLM's layer {self.prefix} received no "
+                    f"data for these and would run on uninitialised memory); {_FIX}."
+                )
             for name in ("weight_scale", "input_scale"):
-                t = getattr(layer, name, None)
-                if t is not None and not bool((torch.isfinite(t) & (t > 0)).all()):
+                if bad := self.bad_scales(layer, name):
                     raise CheckpointTensorError(
-                        f"{self.prefix}.{name}: missing from the checkpoint or holds NaN/inf/zero/negative "
-                        f"values (scales must be finite and > 0); {_FIX}."
+                        f"{', '.join(bad)}: holds NaN/inf/zero/negative values or was never loaded (scales must be "
+                        f"finite and > 0); {_FIX}."
                     )
         self.kernel.process_weights_after_loading(layer)
 

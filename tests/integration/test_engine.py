@@ -15,6 +15,8 @@ from reference import load_fake_quant_model, prompt_logprobs
 from safetensors.torch import load_file, save_file
 from tiny_models import calib_text, save_tiny
 
+from vllm_smoothquant.offline import harness
+
 pytestmark = pytest.mark.engine
 ARCHS = ["OPTForCausalLM", "LlamaForCausalLM"]
 ENGINE = dict(max_model_len=256, enforce_eager=True, gpu_memory_utilization=0.1, enable_prefix_caching=False,
@@ -42,27 +44,16 @@ def ckpts(tmp_path_factory):
 
 @pytest.fixture(scope="module", params=ARCHS, ids=lambda a: a.removesuffix("ForCausalLM"))
 def engine(request, ckpts):
-    from vllm import LLM
-
-    llm = LLM(model=str(ckpts[request.param]), quantization="smoothquant", **EXACT)
+    llm = harness.make_llm(str(ckpts[request.param]), "smoothquant", **EXACT)
     yield request.param, ckpts[request.param], llm
     del llm
     gc.collect()
 
 
-def _vllm_prompt_logprobs(llm, prompts):
-    from vllm import SamplingParams
-    from vllm.inputs import TokensPrompt
-
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
-                        SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0), use_tqdm=False)
-    return [torch.tensor([o.prompt_logprobs[t][p[t]].logprob for t in range(1, len(p))]) for o, p in zip(outs, prompts)]
-
-
-def _reference_diff(ckpt: Path, got: list[torch.Tensor], prompts: list[list[int]]) -> torch.Tensor:
+def _reference_diff(ckpt: Path, got: list[list[float]], prompts: list[list[int]]) -> torch.Tensor:
     """|vLLM prompt logprob - fp32 fake-quant reference logprob| over all predicted tokens."""
     ref_model = load_fake_quant_model(ckpt)
-    return torch.cat([a - prompt_logprobs(ref_model, p) for a, p in zip(got, prompts)]).abs()
+    return torch.cat([torch.tensor(a) - prompt_logprobs(ref_model, p) for a, p in zip(got, prompts)]).abs()
 
 
 def test_every_decoder_linear_uses_smoothquant(engine):
@@ -79,57 +70,111 @@ def test_prompt_logprobs_match_fake_quant_reference(engine):
     arch, ckpt, llm = engine
     g = torch.Generator().manual_seed(0)
     prompts = torch.randint(3, 512, (4, 48), generator=g).tolist()
-    diff = _reference_diff(ckpt, _vllm_prompt_logprobs(llm, prompts), prompts)
+    diff = _reference_diff(ckpt, harness.prompt_logprobs(llm, prompts), prompts)
     assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
 
 
-def test_checkpoint_loads_without_quantization_flag(ckpts):
-    """quant_method: smoothquant in config.json is picked up with no --quantization."""
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=str(ckpts["LlamaForCausalLM"]), **ENGINE)
+def test_checkpoint_loads_without_quantization_flag(ckpts, tmp_path):
+    """quant_method: smoothquant in config.json is picked up with no --quantization; with ``log``, what the
+    engine process prints while it starts (here: the kernel it selected) lands in that file."""
+    log = tmp_path / "vllm.log"
+    llm = harness.make_llm(str(ckpts["LlamaForCausalLM"]), log=log, dtype="auto", **ENGINE)
     assert llm.llm_engine.vllm_config.model_config.quantization == "smoothquant"
-    assert len(llm.generate(["the of and"], SamplingParams(max_tokens=4), use_tqdm=False)[0].outputs[0].token_ids)
+    assert len(harness.greedy(llm, ["the of and"], 4)[0].token_ids)
     del llm
     gc.collect()
+    assert "for SmoothQuantLinearMethod" in log.read_text()
+
+
+# how the tiny Llama checkpoint is broken -> (the error's type, text the error must hold). Header-level faults are
+# found before any weight is read (checkpoint.py), the rest by the weight loaders (linear_method.py).
+_K, _GATE, _UP = "model.layers.1.self_attn.k_proj", "model.layers.1.mlp.gate_proj", "model.layers.1.mlp.up_proj"
+_VLLM_QKV = "model.layers.1.self_attn.qkv_proj"
+BROKEN = {
+    "missing-k_proj-weight": ("CheckpointTensorError", f"{_K}.weight: missing from the checkpoint"),
+    "missing-gate_proj-scale": ("CheckpointTensorError", f"{_GATE}.weight_scale: missing from the checkpoint"),
+    "missing-k_proj-shard": ("CheckpointTensorError", f"{_K}.weight (vLLM: {_VLLM_QKV}.weight, shard 'k'), {_K}."
+                             f"weight_scale (vLLM: {_VLLM_QKV}.weight_scale, shard 'k'): missing from the checkpoint"),
+    "wrong-rows": ("CheckpointTensorError", f"{_K}.weight (vLLM: {_VLLM_QKV}.weight, shard 'k'): checkpoint tensor "
+                   f"has shape [56, 128], but vLLM's layer {_VLLM_QKV} (built from config.json) expects [64, 128]"),
+    "truncated": ("CheckpointFileError", "/model.safetensors: cannot be read as safetensors (Error while "
+                  "deserializing header: incomplete metadata, file not fully covered): the file is truncated"),
+    "unexpected": ("CheckpointTensorError", "lm_head.weight_scale: unexpected: quantization_config.ignore keeps "
+                   "lm_head unquantized|model.layers.0.mlp.down_proj.input_scale: unexpected: quantization_config "
+                   "declares dynamic per-token activations"),
+    "bf16-weight": ("CheckpointTensorError", f"{_K}.weight: dtype BF16, but {_K} has weight_scale"),
+    "nan-scale": ("CheckpointTensorError", f"{_K}.weight_scale (vLLM: {_VLLM_QKV}.weight_scale, shard 'k'): holds NaN"),
+    "zero-scale": ("CheckpointTensorError", f"{_UP}.weight_scale (vLLM: model.layers.1.mlp.gate_up_proj.weight_scale, "
+                   "shard 1): holds NaN/inf/zero"),
+}
 
 
 def _break(ckpt: Path, dst: Path, how: str) -> Path:
     shutil.copytree(ckpt, dst)
-    sd = load_file(dst / "model.safetensors")
-    n = "model.layers.1.self_attn.k_proj"
-    if how == "missing-scale":
-        del sd[f"{n}.weight_scale"]
+    f = dst / "model.safetensors"
+    if how == "truncated":
+        f.write_bytes(f.read_bytes()[:-100])
+        return dst
+    sd = load_file(f)
+    if how == "missing-k_proj-weight":
+        del sd[f"{_K}.weight"]
+    elif how == "missing-gate_proj-scale":
+        del sd[f"{_GATE}.weight_scale"]
+    elif how == "missing-k_proj-shard":  # no tensor names k_proj: only the loaders can tell
+        del sd[f"{_K}.weight"], sd[f"{_K}.weight_scale"]
+    elif how == "wrong-rows":  # weight and scale agree, the model's config.json does not (2 kv heads x 32 = 64 rows)
+        for t in ("weight", "weight_scale"):
+            sd[f"{_K}.{t}"] = sd[f"{_K}.{t}"][:56].clone()
+    elif how == "unexpected":
+        sd["model.layers.0.mlp.down_proj.input_scale"] = torch.ones(1)  # the checkpoint is dynamic per token
+        sd["lm_head.weight_scale"] = torch.ones(1)  # lm_head is in ignore
     elif how == "bf16-weight":
-        sd[f"{n}.weight"] = sd[f"{n}.weight"].to(torch.bfloat16)
+        sd[f"{_K}.weight"] = sd[f"{_K}.weight"].to(torch.bfloat16)
     elif how == "nan-scale":
-        sd[f"{n}.weight_scale"][3] = float("nan")
+        sd[f"{_K}.weight_scale"][3] = float("nan")
     elif how == "zero-scale":
-        sd[f"{n}.weight_scale"][0] = 0.0
-    save_file(sd, dst / "model.safetensors", metadata={"format": "pt"})
+        sd[f"{_UP}.weight_scale"][0] = 0.0
+    save_file(sd, f, metadata={"format": "pt"})
     return dst
 
 
-@pytest.mark.parametrize(
-    "how, message",
-    [
-        ("missing-scale", "model.layers.1.self_attn.qkv_proj.weight_scale: missing from the checkpoint"),
-        ("bf16-weight", "model.layers.1.self_attn.qkv_proj.weight (shard 'k'): checkpoint tensor has dtype torch.bfloat16"),
-        ("nan-scale", "qkv_proj.weight_scale: missing from the checkpoint or holds NaN"),
-        ("zero-scale", "qkv_proj.weight_scale: missing from the checkpoint or holds NaN/inf/zero"),
-    ],
-    ids=lambda v: v if " " not in v else "",
-)
-def test_malformed_checkpoint_fails_at_load_naming_the_tensor(ckpts, tmp_path, how, message):
-    bad = _break(ckpts["LlamaForCausalLM"], tmp_path / how, how)
+@pytest.fixture(scope="module")
+def load_errors(ckpts, tmp_path_factory):
+    """{how: "ErrorType: message"} of loading every broken checkpoint, all in ONE process (an engine start per
+    case costs ~30 s on CI). The engine core runs in that process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the
+    error arrives as the exception, with its type, rather than as "Engine core initialization failed"."""
+    import json
+    import os
+
+    root = tmp_path_factory.mktemp("broken")
+    bad = {how: str(_break(ckpts["LlamaForCausalLM"], root / how, how)) for how in BROKEN}
     code = textwrap.dedent(f"""
+        import json
         from vllm import LLM
         if __name__ == "__main__":
-            LLM(model={str(bad)!r}, quantization="smoothquant", **{ENGINE!r})
+            for how, path in {bad!r}.items():
+                try:
+                    LLM(model=path, quantization="smoothquant", **{ENGINE!r})
+                    error = "loaded without error"
+                except Exception as e:
+                    error = f"{{type(e).__name__}}: {{e}}"
+                print("@@" + json.dumps([how, error]), flush=True)
     """)
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert message in proc.stdout + proc.stderr
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    errors = dict(json.loads(line[2:]) for line in proc.stdout.splitlines() if line.startswith("@@"))
+    assert set(errors) == set(BROKEN), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return errors
+
+
+@pytest.mark.parametrize("how", BROKEN)
+def test_malformed_checkpoint_fails_at_load_naming_the_tensor(load_errors, how):
+    """Never silent, never raw: each fault fails the load with our error naming the checkpoint tensor or file."""
+    error_type, texts = BROKEN[how]
+    got = load_errors[how]
+    assert got.startswith(f"{error_type}: "), got
+    assert all(t in got for t in texts.split("|")), got
+    assert "vllm-smoothquant quantize" in got  # and says what to do
 
 
 FAMILIES = ["MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "BloomForCausalLM",
@@ -141,15 +186,13 @@ def test_more_families_serve_with_all_smoothing_pairs(arch, tmp_path):
     """Mistral, Qwen2 (qkv bias), Qwen3 (q/k norms): every pair (incl. v->o, up->down) smoothed by default;
     Phi-3: fused qkv_proj / gate_up_proj in the checkpoint, split into vLLM's fused layers by its loader;
     Gemma: norms with gain 1 + w, folded in bf16 storage exactly (storable_norm_scales)."""
-    from vllm import LLM
-
     from vllm_smoothquant.linear_method import quant_methods
 
     ckpt = _cli_quantize(save_tiny(arch, tmp_path / arch, hidden=128), tmp_path / "sq", calib_text(tmp_path / "c.txt"))
-    llm = LLM(model=str(ckpt), quantization="smoothquant", **EXACT)
+    llm = harness.make_llm(str(ckpt), "smoothquant", **EXACT)
     methods = llm.apply_model(quant_methods)[0]
     prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
-    got = _vllm_prompt_logprobs(llm, prompts)
+    got = harness.prompt_logprobs(llm, prompts)
     del llm
     gc.collect()
     assert {m for n, m in methods.items() if ".layers." in n or ".h." in n} == {"SmoothQuantLinearMethod"}
@@ -161,17 +204,15 @@ def test_more_families_serve_with_all_smoothing_pairs(arch, tmp_path):
 def test_static_activation_scales_serve(ckpts, tmp_path, override):
     """--activations static: calibrated per-tensor input_scale, loaded and used by vLLM's int8 kernel;
     with an override, down_proj runs dynamic per-token beside the static layers."""
-    from vllm import LLM
-
     src = ckpts["LlamaForCausalLM"].parent / "LlamaForCausalLM"
     extra = ["--activation-override", override] if override else []
     ckpt = _cli_quantize(src, tmp_path / "static", calib_text(tmp_path / "c.txt"), "--activations", "static", *extra)
     sd = load_file(ckpt / "model.safetensors")
     assert "model.layers.0.self_attn.o_proj.input_scale" in sd
     assert ("model.layers.0.mlp.down_proj.input_scale" in sd) == (override is None)
-    llm = LLM(model=str(ckpt), quantization="smoothquant", **EXACT)
+    llm = harness.make_llm(str(ckpt), "smoothquant", **EXACT)
     prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
-    got = _vllm_prompt_logprobs(llm, prompts)
+    got = harness.prompt_logprobs(llm, prompts)
     del llm
     gc.collect()
     diff = _reference_diff(ckpt, got, prompts)

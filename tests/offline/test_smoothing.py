@@ -3,8 +3,8 @@ import torch
 from reference import input_absmax, paper_scales
 from tiny_models import ARCHS, tiny_model
 
-from vllm_smoothquant.offline.mappings import mapping_for
-from vllm_smoothquant.offline.pipeline import attention_heads, select_groups, smooth_layer
+from vllm_smoothquant.offline.layer_smoothing import smooth_layer
+from vllm_smoothquant.offline.mappings import attention_heads, mapping_for
 from vllm_smoothquant.offline.smoothing import apply_smoothing, smoothing_scales, storable_norm_scales, weight_absmax
 
 
@@ -68,7 +68,7 @@ GROUPS = {"norm-pairs": NORM_PAIRS, "all-pairs": None}
 def _smooth(model, names, absmax, alpha):
     """smooth_layer on every decoder layer; returns (absmax after, reports) keyed by full name."""
     mapping = mapping_for(model.config)
-    groups = select_groups(mapping, tuple(g.name for g in mapping.groups if names is None or g.name in names))
+    groups = [g for g in mapping.groups if names is None or g.name in names]
     after, reports = {}, []
     for i, layer in enumerate(model.get_submodule(mapping.layers)):
         prefix = f"{mapping.layers}.{i}."

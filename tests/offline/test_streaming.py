@@ -3,9 +3,10 @@ import torch
 from reference import fake_quant_per_token, input_absmax
 from tiny_models import ARCHS, tiny_model
 
-from vllm_smoothquant.offline.mappings import mapping_for
-from vllm_smoothquant.offline.pipeline import layer_linears
+from vllm_smoothquant.offline.mappings import layer_linears, mapping_for
+from vllm_smoothquant.offline.options import ACTIVATION_SCHEMES
 from vllm_smoothquant.offline.streaming import (
+    Activations,
     batches,
     capture_layer_inputs,
     quantized_activations,
@@ -69,9 +70,31 @@ def test_quantized_activations_simulate_the_int8_kernel(scheme):
     lin = torch.nn.Linear(16, 8, bias=False)
     x = torch.randn(2, 5, 16) * 3
     absmax = {"lin": x.abs().amax((0, 1)) * 1.5}  # a calibrated max above this batch's max
-    with quantized_activations({"lin": lin}, {"lin": scheme}, absmax):
+    with quantized_activations({"lin": lin}, {"lin": ACTIVATION_SCHEMES[scheme]}, absmax):
         got = lin(x)
     scale = absmax["lin"].max() / 127
     xq = fake_quant_per_token(x) if scheme == "token" else torch.round(x / scale).clamp(-128, 127) * scale
     torch.testing.assert_close(got, xq @ lin.weight.T)
     torch.testing.assert_close(lin(x), x @ lin.weight.T)  # hooks removed on exit
+
+
+@pytest.mark.parametrize("offload", [None, "disk"], ids=["on-device", "disk"])
+def test_activations_store_round_trips_and_updates_in_place(tmp_path, offload):
+    """Batches come back bit for bit wherever they are kept; run_layer(update=True) replaces each batch by the
+    layer's output (the next layer's input); closing removes the files."""
+    torch.manual_seed(0)
+    xs = [torch.randn(2, 5, 8), torch.randn(1, 7, 8)]
+    store = Activations("cpu", offload, tmp_path / "acts" if offload else None)
+    if offload:
+        (tmp_path / "acts").mkdir()
+    for x in xs:
+        store.append(x)
+    assert len(store) == 2 and store.nbytes == sum(x.numel() * 4 for x in xs)
+    assert all(torch.equal(store[j], x) for j, x in enumerate(xs))
+    lin = torch.nn.Linear(8, 8)
+    run_layer(lin, store, [{}, {}], update=True)
+    assert all(torch.equal(store[j], lin(x)) for j, x in enumerate(xs))
+    if offload:
+        assert len(list((tmp_path / "acts").iterdir())) == 2  # the replaced batches' files are gone
+    store.close()
+    assert not (tmp_path / "acts").exists()

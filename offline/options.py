@@ -1,0 +1,155 @@
+"""What ``quantize`` is asked to do: :class:`QuantizeOptions`, validated once, at construction.
+
+The CLI maps its flags 1:1 onto the fields; activation and weight schemes are format.py's objects from here on
+(the CLI's words ``token`` / ``static`` are looked up once, in :data:`ACTIVATION_SCHEMES`). Checks that need the
+model's architecture (smoothing groups, overrides, fused layers) are :func:`check_against_model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import torch
+
+from vllm_smoothquant.format import WEIGHT_STRATEGIES, ActivationScheme, SmoothQuantFormat, WeightScheme
+
+from .mappings import ArchMapping, SmoothGroup
+
+
+class OptionsError(ValueError):
+    """A quantize input (a flag, the model, the output) is wrong; the message names it and says what to do."""
+
+
+TOKEN = ActivationScheme()  # dynamic, one scale per token at run time
+STATIC = ActivationScheme(strategy="tensor", dynamic=False)  # one calibrated input_scale per tensor
+ACTIVATION_SCHEMES = {"token": TOKEN, "static": STATIC}  # the CLI's words for the schemes vLLM's int8 kernels run
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+OFFLOAD = ("cpu", "disk")  # where calibration activations go instead of --device
+
+
+def activation_scheme(word: str) -> ActivationScheme:
+    if word not in ACTIVATION_SCHEMES:
+        raise OptionsError(f"activation scheme {word!r}: use token (dynamic per token) or static (calibrated per "
+                           "tensor).")
+    return ACTIVATION_SCHEMES[word]
+
+
+def parse_override(text: str) -> tuple[str, ActivationScheme]:
+    """``MODULE=token|static`` -> (module-name suffix, scheme)."""
+    key, sep, word = (s.strip() for s in text.partition("="))
+    if not sep or not key or word not in ACTIVATION_SCHEMES:
+        raise OptionsError(f"--activation-override {text!r}: use MODULE=token or MODULE=static, e.g. down_proj=token.")
+    return key, ACTIVATION_SCHEMES[word]
+
+
+def parse_alpha(text: str) -> float | str:
+    """``--alpha``: a number in [0, 1] or ``auto`` (an argparse type: a bad value is a usage error)."""
+    try:
+        value = text if text == "auto" else float(text)
+        _check_alpha(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e) if isinstance(e, OptionsError) else f"{text!r} is not a number "
+                                         "in [0, 1] or 'auto'") from None
+    return value
+
+
+def _check_alpha(alpha) -> None:
+    if alpha is not None and alpha != "auto" and not (
+        isinstance(alpha, (int, float)) and not isinstance(alpha, bool) and 0.0 <= alpha <= 1.0
+    ):
+        raise OptionsError(f"--alpha {alpha} is outside [0, 1]; the paper uses 0.5 (OPT) to 0.85 (Llama), "
+                           "or pass auto.")
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    alpha: float | str | None = None  # None: the architecture's default; "auto": searched per group
+    smooth: bool = True
+    groups: tuple[str, ...] | None = None  # None: every group of the architecture (mappings.py)
+    weights: WeightScheme = field(default_factory=WeightScheme)
+    activations: ActivationScheme = TOKEN
+    activation_overrides: Mapping[str, ActivationScheme] = field(default_factory=dict)  # module suffix -> scheme
+    num_samples: int = 128
+    seq_len: int = 512
+    batch_size: int = 1  # calibration windows per forward (memory: batch_size x seq_len activations per layer)
+    device: str = "cpu"
+    dtype: str = "bfloat16"  # of the checkpoint's unquantized tensors (embeddings, norms, lm_head)
+    offload_activations: str | None = None  # None: calibration activations stay on `device`; "cpu" | "disk"
+    ignore: tuple[str, ...] = ("lm_head",)
+
+    def __post_init__(self):
+        _check_alpha(self.alpha)
+        if not self.smooth and self.alpha is not None:
+            raise OptionsError(f"--alpha {self.alpha} with --no-smooth: alpha is the strength of the smoothing that "
+                               "--no-smooth turns off; drop one of the two.")
+        if not self.smooth and self.groups is not None:
+            raise OptionsError("--smooth-groups with --no-smooth: nothing is smoothed; drop one of the two.")
+        if not isinstance(self.weights, WeightScheme) or self.weights.strategy not in WEIGHT_STRATEGIES:
+            raise OptionsError(f"--weights {getattr(self.weights, 'strategy', self.weights)!r}: use 'channel' or "
+                               "'tensor'.")
+        for key, scheme in {"": self.activations, **self.activation_overrides}.items():
+            flag = f"--activation-override {key}" if key else "--activations"
+            if scheme not in ACTIVATION_SCHEMES.values():
+                raise OptionsError(f"{flag}: {scheme!r} is not a scheme vLLM's int8 kernels run; use token (dynamic "
+                                   "per token) or static (calibrated per tensor).")
+        if any(not k or not isinstance(k, str) for k in self.activation_overrides):
+            raise OptionsError("--activation-override: the module name is empty; use MODULE=token|static.")
+        if self.num_samples < 1 or self.seq_len < 2:
+            raise OptionsError("--num-samples must be >= 1 and --seq-len >= 2.")
+        if self.batch_size < 1:
+            raise OptionsError(f"--batch-size {self.batch_size}: use 1 or more windows per forward.")
+        if self.dtype not in DTYPES:
+            raise OptionsError(f"--dtype {self.dtype!r}: use bfloat16 or float16.")
+        if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise OptionsError(f"--device {self.device!r}: use cpu or cuda.")
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise OptionsError("--device cuda but torch sees no CUDA device; use --device cpu.")
+        if self.offload_activations not in (None, *OFFLOAD):
+            raise OptionsError(f"--offload-activations {self.offload_activations!r}: use cpu or disk.")
+        if self.offload_activations == "cpu" and self.device == "cpu":
+            raise OptionsError("--offload-activations cpu with --device cpu: the activations are in host memory "
+                               "already; use --offload-activations disk to keep them out of memory.")
+
+    @property
+    def storage_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """One decoder layer at a time runs in this dtype: fp32 on CPU, bf16 on CUDA."""
+        return torch.float32 if self.device == "cpu" else torch.bfloat16
+
+    def checkpoint_format(self) -> SmoothQuantFormat:
+        """The checkpoint's schemes (alpha and calibration are filled in after quantization)."""
+        return SmoothQuantFormat(weights=self.weights, activations=self.activations,
+                                 activation_overrides=dict(self.activation_overrides), ignore=self.ignore)
+
+
+def check_against_model(opts: QuantizeOptions, mapping: ArchMapping, num_layers: int,
+                        local_linears: list[str]) -> list[SmoothGroup]:
+    """The smoothing groups to apply; refuses overrides that match no linear or split a layer vLLM fuses.
+
+    ``local_linears``: the linears' names inside one decoder layer, e.g. ``mlp.down_proj``.
+    """
+    fmt = opts.checkpoint_format()
+    names = [f"{mapping.layers}.{i}.{n}" for i in range(num_layers) for n in local_linears]
+    for key in fmt.activation_overrides:
+        if not any(n == key or n.endswith("." + key) for n in names):
+            raise OptionsError(f"--activation-override {key}=...: no decoder linear's name ends with {key!r}; "
+                               f"a decoder layer's linears are {sorted(local_linears)}.")
+    for fused in mapping.fused:  # linears vLLM packs into one layer (q/k/v, gate/up) need one scheme
+        for i in range(num_layers):
+            schemes = {n: fmt.activations_for(f"{mapping.layers}.{i}.{n}") for n in fused}
+            if len(set(schemes.values())) > 1:
+                words = {n: next(w for w, s in ACTIVATION_SCHEMES.items() if s == v) for n, v in schemes.items()}
+                raise OptionsError(f"--activation-override gives layer {i}'s {words} different schemes, but vLLM runs "
+                                   f"{', '.join(fused)} as one fused layer: override all of them or none.")
+    if not opts.smooth:
+        return []
+    known = {g.name: g for g in mapping.groups}
+    unknown = [n for n in opts.groups or () if n not in known]
+    if unknown:
+        raise OptionsError(f"--smooth-groups: unknown group(s) {unknown}; this architecture has {list(known)}.")
+    return list(mapping.groups) if opts.groups is None else [known[n] for n in opts.groups]
