@@ -36,7 +36,17 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "sq-auto-all-pairs-static": ("static", ["--alpha", "auto", "--smooth-groups", ALL, "--activations", "static"]),
     "sq-0.8-all-pairs-static-down-token": ("static", ["--alpha", "0.8", "--smooth-groups", ALL, "--activations", "static",
                                                       "--activation-override", "down_proj=token"]),
+    # 8-bit KV cache (issue 10): "-kv8" rows run an fp8 e4m3 KV cache, the others a 16-bit one
+    "unquantized-kv8-scale1": ("-", None),
+    "sq-0.8-all-pairs-token-kv8-scale1": ("token", ["--alpha", "0.8", "--smooth-groups", ALL]),
+    "sq-0.8-all-pairs-token-kv8": ("token", ["--alpha", "0.8", "--smooth-groups", ALL, "--kv-cache", "fp8"]),
+    "sq-0.8-all-pairs-token-kv8-head": ("token", ["--alpha", "0.8", "--smooth-groups", ALL, "--kv-cache", "fp8",
+                                                  "--kv-cache-scales", "head"]),
+    "sq-auto-all-pairs-token-kv8": ("token", ["--alpha", "auto", "--smooth-groups", ALL, "--kv-cache", "fp8"]),
 }
+# eval flags of a row beyond the common ones: "-scale1" rows ask vLLM for an fp8 KV cache without calibrated scales
+# (vLLM uses 1.0); rows whose checkpoint has --kv-cache fp8 get the fp8 cache by themselves (no flag).
+EVAL_FLAGS = {name: ["--kv-cache-dtype", "fp8"] for name in VARIANTS if name.endswith("-kv8-scale1")}
 
 
 def _run(cmd: list[str]) -> str:
@@ -88,19 +98,25 @@ def main() -> int:
     previous = json.loads(out.read_text()) if out.is_file() else {}
     rows = [r for r in previous.get("rows", []) if r["variant"] not in (a.only or VARIANTS)] \
         if previous.get("device") == device_name() else []
+    built: dict[tuple[str, ...], tuple[str, dict]] = {}  # quantize flags -> (checkpoint, its row fields): built once
     for name in a.only or VARIANTS:
         scheme, flags = VARIANTS[name]
         row = {"variant": name, "activations": scheme, "model": Path(model).name}
         target = model
-        if flags is not None:
+        if flags is not None and tuple(flags) in built:
+            target, fields = built[tuple(flags)]
+            row |= fields
+        elif flags is not None:
             target = str(work / name)
             qcmd = [CLI, "quantize", model, target, "--calib", calib, "--num-samples", str(a.num_samples),
                     "--seq-len", str(a.seq_len), "--device", a.device, "--overwrite", *flags]
             row["quantize_output_tail"] = _run(qcmd).strip().splitlines()[-1]
             row["quantize_command"] = shlex.join(["vllm-smoothquant", *qcmd[1:]])
-        ecmd = [CLI, "eval", target, *eval_flags]
+            built[tuple(flags)] = (target, {k: row[k] for k in ("quantize_output_tail", "quantize_command")})
+        ecmd = [CLI, "eval", target, *eval_flags, *EVAL_FLAGS.get(name, [])]
         r = _eval(ecmd)
-        row |= {"eval_command": shlex.join(["vllm-smoothquant", *ecmd[1:]]), "perplexity": r["ppl"], "tokens": r["tokens"]}
+        row |= {"eval_command": shlex.join(["vllm-smoothquant", *ecmd[1:]]), "perplexity": r["ppl"], "tokens": r["tokens"],
+                "kv_cache": "fp8" if "kv8" in name else "16-bit"}
         rows.append(row)
         print(f"{name}: {r['ppl']:.3f}", flush=True)
         _write(out, rows, a, calib, held)
@@ -113,12 +129,23 @@ def main() -> int:
     return 0
 
 
+def _kv16_twin(variant: str) -> str | None:
+    """The 16-bit-KV row a "-kv8" row is compared with (same weights)."""
+    if "-kv8" not in variant:
+        return None
+    base = variant.split("-kv8")[0]
+    return base if base in VARIANTS else None
+
+
 def _write(out: Path, rows: list[dict], a, calib: str, held: str) -> dict:
     """Write the table so far (after every row: an interrupted run keeps what it measured)."""
     rows.sort(key=lambda r: list(VARIANTS).index(r["variant"]))
     base = next((r["perplexity"] for r in rows if r["variant"] == "unquantized"), None)
     for r in rows:
         naive = next((x["perplexity"] for x in rows if x["variant"] == f"naive-{r['activations']}"), None)
+        kv16 = next((x["perplexity"] for x in rows if x["variant"] == _kv16_twin(r["variant"])), None)
+        if kv16 is not None and kv16 != r["perplexity"]:
+            r["vs_16bit_kv_pct"] = round(100 * (r["perplexity"] / kv16 - 1), 3)
         if base is not None:
             r["vs_unquantized_pct"] = round(100 * (r["perplexity"] / base - 1), 2)
             if naive is not None and naive != base and r["variant"] != "unquantized":

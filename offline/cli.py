@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "with --activations static (repeatable; fused q/k/v and gate/up must agree)")
     q.add_argument("--device", default="cpu", help="cpu or cuda")
     q.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="dtype of unquantized parts")
+    q.add_argument("--kv-cache", choices=["none", "fp8"], default="none",
+                   help="fp8: also calibrate K/V and write fp8 (e4m3) KV-cache scales; vLLM then runs an fp8 KV "
+                        "cache by itself (default none: 16-bit KV cache)")
+    q.add_argument("--kv-cache-scales", choices=["tensor", "head"], default="tensor",
+                   help="one KV-cache scale per layer (default) or one per KV head (used by FlashAttention 3; "
+                        "other backends take their max)")
     q.add_argument("--offload-activations", choices=["cpu", "disk"], default=None,
                    help="keep the calibration activations in host memory (cpu) or in files beside OUTPUT_DIR (disk) "
                         "instead of on --device, when they do not fit there")
@@ -112,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
     e.add_argument("--dtype", default=None, help="activation dtype (default: fp32 on CPU, the model's on CUDA)")
     e.add_argument("--enforce-eager", action="store_true", help="skip torch.compile/CUDA graphs (faster start; always on CPU)")
+    e.add_argument("--kv-cache-dtype", default=None,
+                   help="vLLM's KV-cache dtype, e.g. fp8 or bfloat16 (default auto: fp8 for a checkpoint with "
+                        "calibrated KV-cache scales, else the model's dtype)")
     e.add_argument("--json", action="store_true", help="print one JSON object")
     e.add_argument("--verbose", action="store_true", help="show vLLM's log here (default: written to a file)")
 
@@ -135,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _quantize(args) -> int:
     from vllm_smoothquant.format import WeightScheme
 
-    from .options import activation_scheme
+    from .options import activation_scheme, kv_cache_scheme
     from .pipeline import QuantizeOptions, quantize
     from .report import gib
 
@@ -152,6 +161,7 @@ def _quantize(args) -> int:
         device=args.device,
         dtype=args.dtype,
         offload_activations=args.offload_activations,
+        kv_cache=kv_cache_scheme(args.kv_cache, args.kv_cache_scales),
     )
     r = quantize(args.model_dir, args.output_dir, args.calib, opts, overwrite=args.overwrite)
     if r.groups:
@@ -187,12 +197,15 @@ def _eval(args) -> int:
         os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     from .evaluate import perplexity
 
-    extra = ({"dtype": args.dtype} if args.dtype else {}) | ({"enforce_eager": True} if args.enforce_eager else {})
+    extra = ({"dtype": args.dtype} if args.dtype else {}) | ({"enforce_eager": True} if args.enforce_eager else {}) \
+        | ({"kv_cache_dtype": args.kv_cache_dtype} if args.kv_cache_dtype else {})
     llm = make_llm(args.model, args.quantization, log=log, max_model_len=max(2048, args.seq_len + 1), **extra)
     r = perplexity(llm, windows)
     quantization = llm.llm_engine.vllm_config.model_config.quantization  # also when auto-detected
     if args.json:
-        print(json.dumps({"model": args.model, "quantization": quantization, "text": args.text,
+        cache = llm.llm_engine.vllm_config.cache_config.cache_dtype  # "auto" resolves in the attention layers
+        print(json.dumps({"model": args.model, "quantization": quantization, "kv_cache_dtype_arg": str(cache),
+                          "text": args.text,
                           "windows": len(windows), "seq_len": args.seq_len, **vars(r)}))
     else:
         print(f"perplexity {r.ppl:.3f} over {r.tokens} tokens ({len(windows)} windows x {args.seq_len})")

@@ -74,6 +74,9 @@ class ArchMapping:
     # linears of a decoder layer that vLLM packs into one layer (QKVParallelLinear, MergedColumnParallelLinear):
     # they run with one activation scheme. Linears fused in the checkpoint itself (Phi-3, BLOOM, Falcon) are one.
     fused: tuple[tuple[str, ...], ...] = ()
+    # the attention module of a decoder layer: it hands K and V to the KV cache (offline/kv_stats.py), and
+    # "<layer>.<attention>.k_scale" / ".v_scale" are the checkpoint's KV-cache scales (format.py)
+    attention: str = "self_attn"
 
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -128,6 +131,7 @@ _BLOOM = ArchMapping(
     ),
     default_alpha=0.5,
     layer_returns_tuple=True,
+    attention="self_attention",
 )
 
 # Falcon (parallel attention, one input_layernorm feeding attention and MLP): one smoothing group of both linears,
@@ -143,6 +147,7 @@ _FALCON = ArchMapping(
     ),
     default_alpha=0.5,
     layer_returns_tuple=True,
+    attention="self_attention",
 )
 
 # Gemma: RMSNorm computes x_hat * (1 + w), so folding stores (1 + w) / s - 1 (smoothing.apply_smoothing);

@@ -13,7 +13,14 @@ from typing import Mapping
 
 import torch
 
-from vllm_smoothquant.format import WEIGHT_STRATEGIES, ActivationScheme, SmoothQuantFormat, WeightScheme
+from vllm_smoothquant.format import (
+    KV_CACHE_STRATEGIES,
+    WEIGHT_STRATEGIES,
+    ActivationScheme,
+    KVCacheScheme,
+    SmoothQuantFormat,
+    WeightScheme,
+)
 
 from .mappings import ArchMapping, SmoothGroup
 
@@ -27,6 +34,16 @@ STATIC = ActivationScheme(strategy="tensor", dynamic=False)  # one calibrated in
 ACTIVATION_SCHEMES = {"token": TOKEN, "static": STATIC}  # the CLI's words for the schemes vLLM's int8 kernels run
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFLOAD = ("cpu", "disk")  # where calibration activations go instead of --device
+KV_CACHES = {"none": None, "fp8": "fp8_e4m3"}  # the CLI's --kv-cache words -> format.py's KVCacheScheme.dtype
+
+
+def kv_cache_scheme(word: str, strategy: str = "tensor") -> KVCacheScheme | None:
+    """``--kv-cache none|fp8`` and ``--kv-cache-scales tensor|head`` -> the checkpoint's KV-cache scheme."""
+    if word not in KV_CACHES:
+        raise OptionsError(f"--kv-cache {word!r}: use fp8 (calibrated e4m3 scales) or none.")
+    if strategy not in KV_CACHE_STRATEGIES:
+        raise OptionsError(f"--kv-cache-scales {strategy!r}: use tensor (one scale per layer) or head (per KV head).")
+    return None if KV_CACHES[word] is None else KVCacheScheme(dtype=KV_CACHES[word], strategy=strategy)
 
 
 def activation_scheme(word: str) -> ActivationScheme:
@@ -77,6 +94,7 @@ class QuantizeOptions:
     device: str = "cpu"
     dtype: str = "bfloat16"  # of the checkpoint's unquantized tensors (embeddings, norms, lm_head)
     offload_activations: str | None = None  # None: calibration activations stay on `device`; "cpu" | "disk"
+    kv_cache: KVCacheScheme | None = None  # calibrated fp8 KV-cache scales (None: none written)
     ignore: tuple[str, ...] = ("lm_head",)
 
     def __post_init__(self):
@@ -106,6 +124,8 @@ class QuantizeOptions:
             raise OptionsError(f"--device {self.device!r}: use cpu or cuda.")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise OptionsError("--device cuda but torch sees no CUDA device; use --device cpu.")
+        if self.kv_cache is not None and not isinstance(self.kv_cache, KVCacheScheme):
+            raise OptionsError(f"--kv-cache {self.kv_cache!r}: use fp8 or none.")
         if self.offload_activations not in (None, *OFFLOAD):
             raise OptionsError(f"--offload-activations {self.offload_activations!r}: use cpu or disk.")
         if self.offload_activations == "cpu" and self.device == "cpu":
@@ -124,7 +144,8 @@ class QuantizeOptions:
     def checkpoint_format(self) -> SmoothQuantFormat:
         """The checkpoint's schemes (alpha and calibration are filled in after quantization)."""
         return SmoothQuantFormat(weights=self.weights, activations=self.activations,
-                                 activation_overrides=dict(self.activation_overrides), ignore=self.ignore)
+                                 activation_overrides=dict(self.activation_overrides), ignore=self.ignore,
+                                 kv_cache=self.kv_cache)
 
 
 def check_against_model(opts: QuantizeOptions, mapping: ArchMapping, num_layers: int,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from contextlib import closing, contextmanager
+from contextlib import closing, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +25,7 @@ from vllm_smoothquant.format import ActivationScheme, Calibration, SmoothQuantFo
 
 from .calibration import token_windows
 from .export import ShardWriter, atomic_dir, check_output, directory_size, scratch_dir, write_metadata
+from .kv_stats import kv_scale_tensors, record_kv
 from .layer_smoothing import smooth_layer
 from .loading import Checkpoint, open_checkpoint
 from .mappings import ArchMapping, SmoothGroup, attention_heads, layer_linears
@@ -68,9 +69,10 @@ class Recipe:
 
     @property
     def needs_stats(self) -> bool:
-        """Smoothing or a static scale needs the calibration forwards; naive W8A8 per token needs none."""
-        return bool(self.groups) or any(not s.dynamic for s in (self.fmt.activations,
-                                                                 *self.fmt.activation_overrides.values()))
+        """Smoothing, a static scale or KV-cache scales need the calibration forwards; naive W8A8 per token
+        needs none."""
+        return bool(self.groups) or self.fmt.kv_cache is not None or any(
+            not s.dynamic for s in (self.fmt.activations, *self.fmt.activation_overrides.values()))
 
     def name(self, i: int, local: str = "") -> str:
         return f"{self.mapping.layers}.{i}" + (f".{local}" if local else "")
@@ -79,8 +81,12 @@ class Recipe:
         return {n: self.fmt.activations_for(self.name(i, n)) for n in linears}
 
     def propagates(self, i: int) -> bool:
-        """Layer i's int8-simulated outputs are needed (as layer i + 1's inputs)."""
-        return self.needs_stats and i + 1 < self.num_layers
+        """Layer i's int8-simulated run is needed: its outputs are layer i + 1's inputs, and its K/V give the
+        KV-cache scales (the last layer's too)."""
+        return self.needs_stats and (i + 1 < self.num_layers or self.fmt.kv_cache is not None)
+
+    def kv_scale_shape(self) -> tuple[int, ...]:
+        return (self.heads[1],) if self.fmt.kv_cache.strategy == "head" else (1,)
 
 
 def plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Recipe:
@@ -117,6 +123,9 @@ def output_specs(ckpt: Checkpoint, r: Recipe) -> dict[str, tuple[tuple[int, ...]
         quantized = {f"{n}.weight" for n in linears}
         specs.update({f"{r.name(i, k)}": (tuple(v.shape), _storage_dtype(v, dtype))
                       for k, v in layer.state_dict().items() if k not in quantized})
+        if r.fmt.kv_cache is not None:
+            specs.update({f"{r.name(i, r.mapping.attention)}.{w}_scale": (r.kv_scale_shape(), torch.float32)
+                          for w in ("k", "v")})
     return specs
 
 
@@ -192,11 +201,17 @@ def quantize_layer(layer: nn.Module, i: int, linears: dict[str, nn.Linear], sche
 
 
 def propagate(layer: nn.Module, linears: dict[str, nn.Linear], inputs: LayerInputs, i: int,
-              schemes: dict[str, ActivationScheme], input_absmax: dict[str, torch.Tensor]) -> None:
+              schemes: dict[str, ActivationScheme], input_absmax: dict[str, torch.Tensor],
+              r: Recipe) -> dict[str, torch.Tensor]:
     """Run the smoothed layer with int8-simulated weights and activations over every calibration batch; its
-    outputs replace ``inputs.hidden`` (the next layer's inputs)."""
-    with quantized_activations(linears, schemes, input_absmax):
+    outputs replace ``inputs.hidden`` (the next layer's inputs). With ``--kv-cache fp8``, K and V are recorded
+    as they enter the cache in this run (V after v->o smoothing, K after RoPE and int8 q/k/v): returns the
+    layer's KV-cache scale tensors (else {})."""
+    attention = layer.get_submodule(r.mapping.attention) if r.fmt.kv_cache is not None else None
+    with quantized_activations(linears, schemes, input_absmax), \
+            (record_kv(attention) if attention is not None else nullcontext()) as kv:
         run_layer(layer, inputs.hidden, inputs.kwargs[i], update=True)
+    return {} if kv is None else kv_scale_tensors(r.name(i, r.mapping.attention), kv, r.fmt.kv_cache)
 
 
 def process_layer(ckpt: Checkpoint, i: int, r: Recipe, inputs: LayerInputs | None, writer: ShardWriter):
@@ -210,7 +225,7 @@ def process_layer(ckpt: Checkpoint, i: int, r: Recipe, inputs: LayerInputs | Non
                                   r.opts.storage_dtype)
     writer.write_all(quantize_layer(layer, i, linears, schemes, after, r))
     if r.propagates(i):
-        propagate(layer, linears, inputs, i, schemes, after)
+        writer.write_all(propagate(layer, linears, inputs, i, schemes, after, r))
     ckpt.release_layer(i)
     stats = {f"{r.name(i, n)}.{k}": v[n].cpu() for n in linears if n in absmax
              for k, v in (("before", absmax), ("after", after))}
