@@ -30,14 +30,15 @@ from pathlib import Path
 # variant -> (checkpoint directory suffix, engine flags). The variant name says the KV-cache dtype: "_kv8" runs an
 # fp8 (e4m3) KV cache, the others a 16-bit one. smoothquant_kv8 is `vllm-smoothquant quantize --kv-cache fp8` of the
 # fp16 model (calibrated k/v scales; vLLM picks the fp8 cache from the checkpoint by itself, no flag), and the
-# same checkpoint served with --kv-cache-dtype float16 is "smoothquant (16-bit KV)"; fp8_kv8 is vLLM's online FP8
+# same checkpoint served with --kv-cache-dtype bfloat16 is "smoothquant (16-bit KV)" (run every variant with
+# -- --dtype bfloat16: vLLM 0.26's FlashAttention 3 with an fp8 KV cache needs bf16 activations); fp8_kv8 is vLLM's online FP8
 # (no KV scales: vLLM uses 1.0). See `build` and `build-sq`.
 VARIANTS = {
     "fp16": ("fp16", []),
     "fp16_kv8": ("fp16", ["--kv-cache-dtype", "fp8"]),
     "stock_w8a8": ("stock_w8a8", []),
     "smoothquant": ("smoothquant", ["--quantization", "smoothquant"]),
-    "smoothquant_kv16": ("smoothquant-kv8", ["--quantization", "smoothquant", "--kv-cache-dtype", "float16"]),
+    "smoothquant_kv16": ("smoothquant-kv8", ["--quantization", "smoothquant", "--kv-cache-dtype", "bfloat16"]),
     "smoothquant_kv8": ("smoothquant-kv8", ["--quantization", "smoothquant"]),
     "fp8_kv8": ("fp16", ["--quantization", "fp8", "--kv-cache-dtype", "fp8"]),
 }

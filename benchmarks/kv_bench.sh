@@ -21,7 +21,7 @@ case "$cmd" in
   run)
     rows=$4; variants=$5; suite=${6:-throughput}
     python3 "$here/gpu_bench.py" run --shape "$shape" --root "$root" --suite "$suite" --variants "$variants" \
-      --rows "$rows"
+      --rows "$rows" -- --dtype bfloat16   # FA3 with an fp8 KV cache needs bf16 (vLLM 0.26): every variant alike
     ;;
   *) echo "usage: $0 build|run ..." >&2; exit 2 ;;
 esac

@@ -17,9 +17,17 @@ from pathlib import Path
 from vllm_smoothquant.offline.harness import PROVENANCE_KEYS
 
 HERE = Path(__file__).resolve().parent
-VARIANTS = ("fp16", "stock_w8a8", "smoothquant")
+# gpu_bench.py's variants, in table order; "_kv8" = fp8 e4m3 KV cache, "_kv16" = 16-bit KV cache forced
+VARIANTS = ("fp16", "fp16_kv8", "stock_w8a8", "smoothquant", "smoothquant_kv16", "smoothquant_kv8", "fp8_kv8")
+LABELS = {"fp16": "FP16", "fp16_kv8": "FP16 + fp8 KV", "stock_w8a8": "stock W8A8", "smoothquant": "SmoothQuant",
+          "smoothquant_kv16": "SmoothQuant, 16-bit KV", "smoothquant_kv8": "SmoothQuant + fp8 KV",
+          "fp8_kv8": "FP8 + fp8 KV"}
+# ratio columns (a, b): a's speed over b's, where both ran
+RATIOS = (("smoothquant", "fp16"), ("smoothquant", "stock_w8a8"), ("smoothquant_kv8", "fp16"),
+          ("smoothquant_kv8", "fp8_kv8"))
 METRIC = {"vllm bench throughput": "tok_s", "vllm bench latency": "latency_s", "vllm bench serve": "output_tok_s"}
-EXTRA = ("latency_p50_s", "output_tok_s", "kv_cache_tokens", "model_load_gib", "mean_ttft_ms", "mean_tpot_ms")
+EXTRA = ("latency_p50_s", "output_tok_s", "kv_cache_tokens", "model_load_gib", "mean_ttft_ms", "mean_tpot_ms",
+         "attention_backend", "flash_attention_version", "kv_cache_dtype_arg", "kv_cache_fp8")
 
 
 def pivot(rows: list[dict]) -> list[dict]:
@@ -54,15 +62,20 @@ def _ratio(row, a, b):
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| tool | workload | metric | FP16 | stock W8A8 | SmoothQuant | SQ / FP16 | SQ / stock |",
-             "|---|---|---|---:|---:|---:|---:|---:|"]
+    """One column per variant that ran in any row, then the ratios of ``RATIOS`` that have numbers."""
+    ran = lambda v: any(f"{v}_{r['metric']}" in r for r in rows)
+    variants = [v for v in VARIANTS if ran(v)]
+    ratios = [(a, b) for a, b in RATIOS if any(_ratio(r, a, b) for r in rows)]
+    lines = ["| tool | workload | metric | " + " | ".join(LABELS[v] for v in variants) + "".join(
+             f" | {LABELS[a]} / {LABELS[b]}" for a, b in ratios) + " |",
+             "|---|---|---|" + "---:|" * (len(variants) + len(ratios))]
     for r in rows:
         m = r["metric"]
         cell = lambda v: f"{r[f'{v}_{m}']:,.3f}" if m == "latency_s" and f"{v}_{m}" in r else (
             f"{r[f'{v}_{m}']:,.0f}" if f"{v}_{m}" in r else "not run")
         ratio = lambda a, b: f"{x:.2f}x" if (x := _ratio(r, a, b)) else "-"
-        lines.append(f"| {r['tool']} | {r['workload']} | {m} | {cell('fp16')} | {cell('stock_w8a8')} | "
-                     f"{cell('smoothquant')} | {ratio('smoothquant', 'fp16')} | {ratio('smoothquant', 'stock_w8a8')} |")
+        lines.append(f"| {r['tool']} | {r['workload']} | {m} | " + " | ".join(cell(v) for v in variants)
+                     + "".join(f" | {ratio(a, b)}" for a, b in ratios) + " |")
     return "\n".join(lines)
 
 
@@ -72,17 +85,20 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(9, 0.6 * len(rows) + 1.5))
-    labels, colors = [], {"fp16": "#999999", "stock_w8a8": "#4c72b0", "smoothquant": "#dd8452"}
+    variants = [v for v in VARIANTS if any(f"{v}_{r['metric']}" in r for r in rows)]
+    width = 0.8 / len(variants)
+    fig, ax = plt.subplots(figsize=(9, 0.25 * len(rows) * len(variants) + 1.5))
+    labels, cmap = [], plt.get_cmap("tab10")
     for i, r in enumerate(rows):
         base = r.get(f"fp16_{r['metric']}")
-        for j, v in enumerate(VARIANTS):
+        for j, v in enumerate(variants):
             val = r.get(f"{v}_{r['metric']}")
             if val is None or base is None:
                 continue
             speed = val / base if r["metric"] != "latency_s" else base / val
-            ax.barh(i + (j - 1) * 0.27, speed, height=0.25, color=colors[v], label=v if i == 0 else None)
-            ax.text(speed, i + (j - 1) * 0.27, f" {speed:.2f}x", va="center", fontsize=7)
+            y = i + (j - (len(variants) - 1) / 2) * width
+            ax.barh(y, speed, height=width * 0.9, color=cmap(j), label=LABELS[v] if i == 0 else None)
+            ax.text(speed, y, f" {speed:.2f}x", va="center", fontsize=7)
         labels.append(f"{r['tool'].split()[-1]}: {r['workload']}")
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.axvline(1.0, color="black", lw=0.5)

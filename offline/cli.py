@@ -214,6 +214,7 @@ def _eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from vllm_smoothquant.checkpoint import CheckpointError
     from vllm_smoothquant.format import FormatError
 
     from .assets import MissingAssetError
@@ -247,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_demo(verbose=args.verbose)
     except (FormatError, CalibrationDataError, OutputExistsError, UnsupportedArchitectureError, OptionsError,
-            InspectError, MissingAssetError) as e:
+            InspectError, MissingAssetError, CheckpointError) as e:
         print(f"vllm-smoothquant {args.command}: error: {e}", file=sys.stderr)
         return 2
 

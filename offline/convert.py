@@ -79,7 +79,13 @@ def _k_scale_size(src: Path) -> int | None:
 
 def to_compressed_tensors(src: str | Path, dst: str | Path, overwrite: bool = False) -> Path:
     src = Path(src)
-    config = json.loads((src / "config.json").read_text())
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except FileNotFoundError:
+        raise FormatError(f"{src} has no config.json: pass a SmoothQuant checkpoint directory.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{src / 'config.json'} is not valid JSON ({e}): re-create the checkpoint with "
+                          "`vllm-smoothquant quantize`.") from None
     if "quantization_config" not in config:
         raise FormatError(f"{src / 'config.json'} has no quantization_config: not a SmoothQuant checkpoint.")
     fmt = SmoothQuantFormat.from_dict(config["quantization_config"])

@@ -28,9 +28,7 @@ def make_llm(model: str, quantization: str | None = None, *, log: Path | None = 
     going to that file, so the engine processes it starts (which inherit them) write there for good; if
     building fails, the end of the log is printed before the error propagates.
     """
-    import torch
-
-    cpu = not torch.cuda.is_available()
+    cpu = _platform().is_cpu()
     defaults = dict(
         # CPU: skip torch.compile warm-up (minutes per new model on 2 cores) and compute in fp32
         # (bf16 is emulated, ~2x slower, on CPUs without AVX512-BF16/AMX); CUDA: vLLM's defaults.
@@ -169,12 +167,20 @@ PROVENANCE_KEYS = ("date", "device", "device_count", "cuda", "cpu", "cpu_flags",
 CPU_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
 
 
+def _platform():
+    """vLLM's platform: asked through it (NVML), never ``torch.cuda``, whose device count poisons fork(): vLLM's
+    engine processes, forked after it, then fail with "Cannot re-initialize CUDA in forked subprocess"."""
+    from vllm.platforms import current_platform
+
+    return current_platform
+
+
 def device_name() -> str:
     """What results files record as ``device``: the GPU's name, or the CPU architecture and thread count."""
     import torch
 
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
+    if not _platform().is_cpu():
+        return _platform().get_device_name()
     return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
 
 
@@ -204,8 +210,8 @@ def provenance() -> dict:
         "torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
         "vllm_smoothquant": vllm_smoothquant.__version__,
     }
-    if torch.cuda.is_available():
-        record |= {"device_count": torch.cuda.device_count(), "cuda": torch.version.cuda}
+    if not _platform().is_cpu():
+        record |= {"device_count": _platform().device_count(), "cuda": torch.version.cuda}
     else:
         record |= cpu_info()
     return record

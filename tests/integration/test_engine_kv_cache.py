@@ -3,19 +3,18 @@ picks the fp8 cache from the checkpoint by itself (no --kv-cache-dtype), and pro
 whose K and V are fake-quantized to e4m3 with the same scales. (Missing, bad and absent scales, and the
 one-warning rule: tests/plugin/test_kv_cache.py.)
 
-The checkpoint: a CLI-made tiny Llama whose K and V are made large (x1024, exactly undone in q_proj / o_proj
-through their weight scales), so that an uncalibrated scale of 1.0 clips them at 448 and the calibrated one
-does not; KV-cache scales recorded with ``offline.kv_stats`` on its fp32 fake-quant model.
+The checkpoint: ``vllm-smoothquant quantize --kv-cache fp8`` of a tiny Llama whose K and V are made large (k_proj and
+v_proj x1024, q_proj and o_proj / 1024: the model computes the same function), so that an uncalibrated scale of 1.0
+clips them at 448 and the calibrated one does not. Only the norm->linear pairs are smoothed (v->o smoothing would
+rebalance V's magnitude into o_proj).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import json
 import subprocess
 import sys
-from contextlib import ExitStack
 from pathlib import Path
 
 import pytest
@@ -25,7 +24,6 @@ from safetensors.torch import load_file, save_file
 from tiny_models import calib_text, save_tiny
 
 from vllm_smoothquant.format import KVCacheScheme, SmoothQuantFormat
-from vllm_smoothquant.offline.kv_stats import kv_scale_tensors, record_kv
 
 
 def _fp8_kv_unsupported() -> str | None:
@@ -49,56 +47,30 @@ LAYERS = 2
 ROUNDING = "nearest" if torch.cuda.is_available() else "toward_zero"
 
 
-def _cli_quantize(model: Path, out: Path, calib: Path) -> Path:
-    cli = Path(sys.executable).with_name("vllm-smoothquant")
-    subprocess.run([str(cli), "quantize", str(model), str(out), "--calib", str(calib), "--num-samples", "8",
-                    "--seq-len", "64"], check=True, capture_output=True, text=True)
-    return out
-
-
-def _blow_up_kv(ckpt: Path) -> None:
-    """K, V x BLOW_UP and Q, o_proj / BLOW_UP, through the per-channel weight scales: q.k and o_proj(V) unchanged."""
-    sd = load_file(ckpt / "model.safetensors")
+def _blow_up_kv(model: Path) -> Path:
+    """K, V x BLOW_UP and Q, o_proj / BLOW_UP in the unquantized model: q.k and o_proj(V) unchanged (powers of 2:
+    exact in any float dtype)."""
+    sd = load_file(model / "model.safetensors")
     for i in range(LAYERS):
         p = f"model.layers.{i}.self_attn"
-        factors = {"k_proj": BLOW_UP, "v_proj": BLOW_UP, "q_proj": 1 / BLOW_UP, "o_proj": 1 / BLOW_UP}
-        for name, factor in factors.items():
-            sd[f"{p}.{name}.weight_scale"] = sd[f"{p}.{name}.weight_scale"] * factor
-    save_file(sd, ckpt / "model.safetensors", metadata={"format": "pt"})
-
-
-def _calibrate_kv(ckpt: Path, scheme: KVCacheScheme) -> dict[str, torch.Tensor]:
-    """KV-cache scales of the checkpoint's fake-quant model over calibration windows (as the quantize loop will)."""
-    model = load_fake_quant_model(ckpt)
-    windows = torch.randint(3, 512, (8, 64), generator=torch.Generator().manual_seed(1))
-    with ExitStack() as stack, torch.no_grad():
-        kvs = [stack.enter_context(record_kv(layer.self_attn)) for layer in model.model.layers]
-        model(windows)
-    out = {}
-    for i, kv in enumerate(kvs):
-        out.update(kv_scale_tensors(f"model.layers.{i}.self_attn", kv, scheme))
-    return out
-
-
-def _add_kv_scales(ckpt: Path, scales: dict[str, torch.Tensor], scheme: KVCacheScheme) -> None:
-    sd = load_file(ckpt / "model.safetensors")
-    save_file({**sd, **scales}, ckpt / "model.safetensors", metadata={"format": "pt"})
-    config = json.loads((ckpt / "config.json").read_text())
-    fmt = SmoothQuantFormat.from_dict(config["quantization_config"])
-    config["quantization_config"] = dataclasses.replace(fmt, kv_cache=scheme).to_dict()
-    (ckpt / "config.json").write_text(json.dumps(config, indent=2))
+        for name, factor in {"k_proj": BLOW_UP, "v_proj": BLOW_UP, "q_proj": 1 / BLOW_UP, "o_proj": 1 / BLOW_UP}.items():
+            sd[f"{p}.{name}.weight"] = sd[f"{p}.{name}.weight"] * factor
+    save_file(sd, model / "model.safetensors", metadata={"format": "pt"})
+    return model
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A CLI checkpoint (K, V blown up) with calibrated per-tensor KV-cache scales added (format 2)."""
+    """The CLI's checkpoint with calibrated per-tensor fp8 KV-cache scales (format 2)."""
     root = tmp_path_factory.mktemp("kv")
-    ckpt = _cli_quantize(save_tiny("LlamaForCausalLM", root / "llama", hidden=128, layers=LAYERS), root / "kv",
-                         calib_text(root / "calib.txt"))
-    _blow_up_kv(ckpt)
-    scheme = KVCacheScheme("fp8_e4m3", "tensor")
-    _add_kv_scales(ckpt, _calibrate_kv(ckpt, scheme), scheme)
-    return ckpt
+    model = _blow_up_kv(save_tiny("LlamaForCausalLM", root / "llama", hidden=128, layers=LAYERS))
+    out, cli = root / "kv", Path(sys.executable).with_name("vllm-smoothquant")
+    subprocess.run([str(cli), "quantize", str(model), str(out), "--calib", str(calib_text(root / "calib.txt")),
+                    "--num-samples", "8", "--seq-len", "64", "--smooth-groups", "qkv,gate_up", "--kv-cache", "fp8"],
+                   check=True, capture_output=True, text=True)
+    fmt = SmoothQuantFormat.from_dict(json.loads((out / "config.json").read_text())["quantization_config"])
+    assert fmt.kv_cache == KVCacheScheme("fp8_e4m3", "tensor")
+    return out
 
 
 @pytest.fixture(scope="module")

@@ -281,3 +281,13 @@ def test_falcon_40b_layout_is_a_clear_error(tmp_path, capsys):
     (model / "config.json").write_text(json.dumps(data))
     assert _quantize(model, tmp_path / "o", calib_text(tmp_path / "c.txt")) == 2
     assert "new_decoder_architecture" in capsys.readouterr().err
+
+
+def test_convert_of_a_corrupt_config_is_a_clear_error(tmp_path, capsys):
+    src = tmp_path / "ckpt"
+    src.mkdir()
+    (src / "config.json").write_text('{"quantization_config": ')
+    assert main(["convert", str(src), str(tmp_path / "ct")]) == 2
+    err = capsys.readouterr().err
+    assert str(src / "config.json") in err and "not valid JSON" in err
+    assert not (tmp_path / "ct").exists()
