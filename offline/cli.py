@@ -108,6 +108,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--offload-activations", choices=["cpu", "disk"], default=None,
                    help="keep the calibration activations in host memory (cpu) or in files beside OUTPUT_DIR (disk) "
                         "instead of on --device, when they do not fit there")
+    q.add_argument("--weight-rounding", choices=["nearest", "gptq"], default="nearest",
+                   help="how the int8 weight values are chosen for the same scales: nearest (default) or gptq "
+                        "(GPTQ error compensation on the calibration inputs of each smoothed layer; slower)")
+    q.add_argument("--gptq-damp", type=float, default=None, metavar="D",
+                   help="with --weight-rounding gptq: damping, a fraction in (0, 1) of mean(diag H) (default 0.01)")
+    q.add_argument("--gptq-act-order", action="store_true",
+                   help="with --weight-rounding gptq: quantize columns in order of descending diag(H)")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
 
     e = sub.add_parser("eval", help="perplexity of a model on a text, through vLLM")
@@ -162,21 +169,57 @@ def _quantize(args) -> int:
         dtype=args.dtype,
         offload_activations=args.offload_activations,
         kv_cache=kv_cache_scheme(args.kv_cache, args.kv_cache_scales),
+        weight_rounding=args.weight_rounding,
+        gptq_damp=args.gptq_damp,
+        gptq_act_order=args.gptq_act_order,
     )
     r = quantize(args.model_dir, args.output_dir, args.calib, opts, overwrite=args.overwrite)
+    per_expert = [g for g in r.groups if isinstance(getattr(g, "tokens", None), int)]  # MoE: one expert's up->down
     if r.groups:
         print(f"{'layer':>5} {'group':>8} {'alpha':>5} {'max|X| before':>14} {'after':>10}")
         for g in r.groups:
-            print(f"{g.layer:>5} {g.group:>8} {g.alpha:>5.2f} {g.act_max_before:>14.2f} {g.act_max_after:>10.2f}")
+            if g not in per_expert:
+                print(f"{g.layer:>5} {g.group:>8} {g.alpha:>5.2f} {g.act_max_before:>14.2f} {g.act_max_after:>10.2f}")
+    _print_experts(per_expert)
     print(f"{'layer':>5} {'seconds':>8} {'peak RSS GiB':>13} {'peak CUDA GiB':>14}")
     for x in r.layers:
         print(f"{x.layer:>5} {x.seconds:>8.2f} {gib(x.peak_rss_bytes):>13} {gib(x.peak_cuda_bytes):>14}")
+    _print_rounding(Path(r.output))
     print(f"weights: {r.loading}\ncalibration activations: {r.activations}")
     peak = f"peak memory {gib(r.peak_rss_bytes)} GiB RSS"
     if r.peak_cuda_bytes is not None:
         peak += f", {gib(r.peak_cuda_bytes)} GiB CUDA"
     print(f"wrote {r.output} ({r.output_bytes / 2**20:.1f} MiB) in {r.seconds:.1f} s; {peak}")
     return 0
+
+
+def _print_experts(groups) -> None:
+    """Per MoE layer, one line for its experts' up -> down groups: calibration tokens per expert, fallbacks."""
+    by_layer: dict[int, list] = {}
+    for g in groups:
+        by_layer.setdefault(g.layer, []).append(g)
+    for layer, gs in by_layer.items():
+        tokens = sorted(g.tokens for g in gs)
+        fallbacks = [g.group for g in gs if g.fallback]
+        print(f"{layer:>5} experts: up->down smoothed in {len(gs) - len(fallbacks)} of {len(gs)}; calibration tokens "
+              f"per expert min {tokens[0]}, median {tokens[len(tokens) // 2]}, max {tokens[-1]}"
+              + (f"; left unsmoothed (too few tokens): {', '.join(fallbacks)}" if fallbacks else ""))
+
+
+def _print_rounding(out: Path) -> None:
+    """The weight rounding's mean output error per linear, from the run's report.json (written with gptq)."""
+    from .export import STATS_DIR
+
+    rounding = json.loads((out / STATS_DIR / "report.json").read_text()).get("weight_rounding", {})
+    if rounding.get("method") != "gptq":
+        return
+    means = rounding["mean_output_error"]
+    print(f"weight rounding: gptq (damp {rounding['damp']:g}, act-order {'on' if rounding['act_order'] else 'off'}); "
+          "relative output error ||XW' - XQ'||^2 / ||XW'||^2 on the calibration inputs, mean over layers:")
+    print(f"{'linear':>18} {'nearest':>10} {'gptq':>10} {'gptq/nearest':>13}")
+    for name, m in means.items():
+        ratio = f"{m['gptq'] / m['nearest']:.3f}" if m["nearest"] > 0 else "-"
+        print(f"{name:>18} {m['nearest']:>10.3e} {m['gptq']:>10.3e} {ratio:>13}")
 
 
 def _eval(args) -> int:

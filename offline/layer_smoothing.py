@@ -7,13 +7,17 @@ v_proj (``attention_heads``), one kv head's value channels feed the o_proj input
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from vllm_smoothquant.format import ActivationScheme, WeightScheme
 
 from .alpha_search import search_alpha
-from .mappings import SmoothGroup
+from .experts import MIN_EXPERT_TOKENS
+from .mappings import SmoothGroup, expand_groups
 from .report import GroupReport
 from .smoothing import (
     apply_smoothing,
@@ -23,6 +27,39 @@ from .smoothing import (
     storable_norm_scales,
     weight_absmax,
 )
+
+
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+
+
+@dataclass
+class ExpertGroupReport(GroupReport):
+    """A mixture-of-experts group's report: ``tokens`` the calibration tokens per expert (the router's group) or
+    of its one expert (an up -> down group); ``fallback`` why the group was left unsmoothed (s = 1), or None."""
+
+    tokens: list[int] | int = 0
+    fallback: str | None = None
+
+
+def _expert_tokens(g: SmoothGroup, rows: dict[str, int]) -> list[int] | int | None:
+    """Calibration tokens of the group's expert (a per-expert group), per routed expert (a group over experts'
+    linears), or None (no expert in the group)."""
+    if g.expert is not None:
+        return rows.get(g.linears[0], 0)
+    per_expert: dict[int, int] = {}
+    for n in g.linears:
+        if m := _EXPERT.search(n):
+            per_expert[int(m[1])] = max(per_expert.get(int(m[1]), 0), rows.get(n, 0))
+    return [per_expert[e] for e in sorted(per_expert)] if per_expert else None
+
+
+def _fallback(g: SmoothGroup, seen: list[str], tokens) -> str | None:
+    if g.expert is not None and tokens < MIN_EXPERT_TOKENS:
+        return (f"expert {g.expert} saw {tokens} calibration tokens (< {MIN_EXPERT_TOKENS}): up -> down left "
+                "unsmoothed (s = 1)")
+    if not seen:
+        return "no calibration input reached the group's linears: left unsmoothed (s = 1)"
+    return None
 
 
 def group_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float, group: SmoothGroup, heads: int,
@@ -58,23 +95,34 @@ def smooth_layer(
     weight must be exact (``storable_norm_scales``).
     """
     after = dict(act_absmax)
+    rows = getattr(act_absmax, "rows", {})
     reports = []
-    for g in groups:
+    for g in expand_groups(groups, dict(layer.named_modules())):
         linears = [layer.get_submodule(n) for n in g.linears]
+        seen = [n for n in g.linears if n in act_absmax]
+        tokens = _expert_tokens(g, rows)
+        if (fallback := _fallback(g, seen, tokens)) is not None:
+            before = max((float(act_absmax[n].max()) for n in seen), default=0.0)
+            reports.append(ExpertGroupReport(index, g.name, alpha if alpha != "auto" else 0.0, before, before,
+                                             tokens, fallback))
+            continue
         w = weight_absmax(linears)
-        a = act_absmax[g.linears[0]].to(w.device)
+        a = torch.stack([act_absmax[n].to(w.device) for n in seen]).amax(dim=0)
         group_alpha = alpha
         if alpha == "auto":
+            rows_in = torch.cat([samples[n] for n in seen if n in samples])
             group_alpha, _ = search_alpha(
-                lambda al: group_scales(a, w, al, g, *heads)[1], samples[g.linears[0]].to(w.device),
-                [lin.weight for lin in linears], a, schemes[g.linears[0]], weights.strategy,
+                lambda al: group_scales(a, w, al, g, *heads)[1], rows_in.to(w.device),
+                [lin.weight for lin in linears], a, schemes[seen[0]], weights.strategy,
             )
         s_prev, s_in = group_scales(a, w, group_alpha, g, *heads)
         prev = layer.get_submodule(g.prev)
         if storage is not None and not isinstance(prev, nn.Linear):
             s_prev = s_in = storable_norm_scales(prev.weight, s_prev.to(prev.weight.device), g.norm_offset, storage)
-        apply_smoothing(prev, linears, s_prev, s_in, g.norm_offset, g.rows(prev, *heads))
-        for n in g.linears:
+        scaled = linears + [layer.get_submodule(n) for n in g.passengers]
+        apply_smoothing(prev, scaled, s_prev, s_in, g.norm_offset, g.rows(prev, *heads))
+        for n in seen:
             after[n] = act_absmax[n] / s_in.to(act_absmax[n].device)
-        reports.append(GroupReport(index, g.name, group_alpha, float(a.max()), float(after[g.linears[0]].max())))
+        args = (index, g.name, group_alpha, float(a.max()), float((a / s_in.to(a.device)).max()))
+        reports.append(GroupReport(*args) if tokens is None else ExpertGroupReport(*args, tokens))
     return after, reports

@@ -10,6 +10,10 @@
   transformers' own renamings and base-model prefix rule (e.g. OPT's ``decoder.*`` -> ``model.decoder.*``).
 - :class:`InMemoryCheckpoint`: ``from_pretrained``, the whole model in host memory: the fallback for models
   without safetensors (``pytorch_model.bin``) or whose names do not map; the summary says which was used.
+
+Either way a mixture-of-experts model's fused experts become per-expert linears named as the checkpoint names
+them (``experts.split_experts``), so a checkpoint tensor such as ``...block_sparse_moe.experts.3.w1.weight`` is
+read straight into the module of that name; its experts are checked against config.json's count first.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from .experts import check_expert_tensors, split_experts
 from .mappings import ArchMapping, mapping_for
 from .options import OptionsError
 
@@ -137,7 +142,9 @@ def _key_map(model: nn.Module, checkpoint_keys) -> dict[str, str]:
 
     out = {}
     for key in checkpoint_keys:
-        if (new := rename(key)) in wanted:
+        if key in wanted:  # already the model's name (per-expert linears, see experts.split_experts)
+            out[key] = key
+        elif (new := rename(key)) in wanted:
             out[new] = key
     return out
 
@@ -272,6 +279,8 @@ def open_checkpoint(name: str, load: str = "auto") -> Checkpoint:
     if files:
         with params_on_meta():
             model = AutoModelForCausalLM.from_config(config, dtype=_storage_dtype(config, files)).eval()
+        check_expert_tensors(mapping, config, files, str(path))
+        split_experts(model, mapping)
         keys = _key_map(model, files)
         tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
         missing = [k for k in model.state_dict() if k not in keys and k not in tied]
@@ -282,5 +291,6 @@ def open_checkpoint(name: str, load: str = "auto") -> Checkpoint:
         raise ModelSourceError(f"cannot read {name!r} layer by layer: {why}.")
     source = hub_id if hub_id and not files else path  # a hub repo without safetensors: let transformers fetch .bin
     model = AutoModelForCausalLM.from_pretrained(source, dtype="auto").eval()
+    split_experts(model, mapping)
     return InMemoryCheckpoint(path, mapping, model, f"in memory: {why}; the whole model is loaded (from_pretrained)")
 

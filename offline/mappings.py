@@ -8,10 +8,16 @@ Linear followed by nothing, a ReLU, or an elementwise product with another branc
 
 Introspection beside the data: :func:`layer_linears` (a decoder layer's linears), :func:`attention_heads`
 (query and kv head counts) and :data:`ROW_LAYOUTS` (which output rows of a fused ``prev`` feed a group).
+
+Mixtures of experts (:class:`MoeLayout`): the working model holds every expert as its own linears, named as the
+checkpoint names them (``offline/experts.py``), so a group's linear name may hold ``*`` for "every expert"
+(:func:`expand_groups`): ``*`` in the linears only makes one group over all experts (the norm -> router + every
+expert's gate/up); ``*`` in ``prev`` makes one group per expert (that expert's up -> down).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -54,6 +60,11 @@ class SmoothGroup:
     # [q | k | v] (heads x head_dim rows each), "qkv:v-per-head" = the v rows of BLOOM's per-head
     # [q_h | k_h | v_h] layout, "gate_up:up" = the second half of [gate | up] (ROW_LAYOUTS)
     prev_rows: str | None = None
+    # modules that read the group's input but stay in the model dtype (an MoE router, Qwen2-MoE's
+    # shared_expert_gate): their input columns get the same x s, so smoothing stays exact, but their
+    # weights take no part in s (they are never quantized)
+    passengers: tuple[str, ...] = ()
+    expert: int | None = None  # set by expand_groups on a per-expert group
 
     def __post_init__(self):
         if self.prev_rows is not None and self.prev_rows not in ROW_LAYOUTS:
@@ -63,6 +74,25 @@ class SmoothGroup:
     def rows(self, prev: nn.Module, heads: int, kv_heads: int) -> slice | torch.Tensor | None:
         """The output rows of ``prev`` that feed this group (None: all of them)."""
         return None if self.prev_rows is None else ROW_LAYOUTS[self.prev_rows](prev.weight.shape[0], heads, kv_heads)
+
+
+@dataclass(frozen=True)
+class MoeLayout:
+    """Where a decoder layer's mixture-of-experts block lives and how its experts are named in the checkpoint
+    (and in vLLM's ``FusedMoE.make_expert_params_mapping``): ``<block>.<experts>.<e>.<gate|up|down>.weight``."""
+
+    block: str  # the block's name in the checkpoint and in vLLM ("block_sparse_moe" for Mixtral)
+    attribute: str  # the decoder layer's attribute for it in transformers ("mlp")
+    linears: tuple[str, str, str]  # each expert's (gate, up, down) linears: ("w1", "w3", "w2") for Mixtral
+    num_experts: str  # config attribute: the number of routed experts
+    intermediate: str  # config attribute: one expert's intermediate size
+    # modules of the block that stay in the model dtype (vLLM builds them unquantized): routers
+    kept: tuple[str, ...] = ("gate",)
+    experts: str = "experts"
+
+    def expert_linear(self, e: int | str, which: int) -> str:
+        """Expert ``e``'s gate (0), up (1) or down (2) linear, relative to the decoder layer."""
+        return f"{self.block}.{self.experts}.{e}.{self.linears[which]}"
 
 
 @dataclass(frozen=True)
@@ -77,6 +107,7 @@ class ArchMapping:
     # the attention module of a decoder layer: it hands K and V to the KV cache (offline/kv_stats.py), and
     # "<layer>.<attention>.k_scale" / ".v_scale" are the checkpoint's KV-cache scales (format.py)
     attention: str = "self_attn"
+    moe: MoeLayout | None = None  # the decoder layer's mixture-of-experts block, if it has one
 
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -177,6 +208,37 @@ _GEMMA2 = ArchMapping(
     fused=_LLAMA.fused,
 )
 
+
+def _moe_mapping(moe: MoeLayout, shared: str | None = None) -> ArchMapping:
+    """Llama-style attention and an MoE MLP: post_attention_layernorm -> router (unquantized, a passenger) and
+    every expert's gate/up [and the shared expert's gate/up] as one group; v -> o; each expert's up -> its down
+    [the shared expert's up -> down]."""
+    gate_up = (moe.expert_linear("*", 0), moe.expert_linear("*", 1))
+    shared_gate_up = (f"{shared}.gate_proj", f"{shared}.up_proj") if shared else ()
+    routers = tuple(f"{moe.block}.{k}" for k in moe.kept)  # each exactly once: scaled twice, it would be wrong
+    groups = [
+        SmoothGroup("qkv", "input_layernorm", _QKV),
+        SmoothGroup("moe", "post_attention_layernorm", gate_up + shared_gate_up, passengers=routers),
+        SmoothGroup("o", "self_attn.v_proj", ("self_attn.o_proj",), attention_heads=True),
+        SmoothGroup("down", moe.expert_linear("*", 1), (moe.expert_linear("*", 2),)),  # per expert
+    ]
+    if shared:
+        groups.append(SmoothGroup("shared_down", f"{shared}.up_proj", (f"{shared}.down_proj",)))
+    return ArchMapping(layers="model.layers", groups=tuple(groups), default_alpha=0.8,
+                       fused=(_QKV,) + ((shared_gate_up,) if shared else ()), moe=moe)
+
+
+# Mixtral: transformers calls the block `mlp`, the checkpoint and vLLM `block_sparse_moe`; experts w1/w3/w2.
+_MIXTRAL = _moe_mapping(MoeLayout("block_sparse_moe", "mlp", ("w1", "w3", "w2"), "num_local_experts",
+                                  "intermediate_size"))
+_QWEN_MOE = MoeLayout("mlp", "mlp", ("gate_proj", "up_proj", "down_proj"), "num_experts", "moe_intermediate_size",
+                      kept=("gate", "shared_expert_gate"))
+# Qwen3-MoE: no shared expert (q_norm/k_norm act after q/k_proj: unaffected).
+_QWEN3_MOE = _moe_mapping(replace(_QWEN_MOE, kept=("gate",)))
+# Qwen2-MoE: a shared expert (one dense SiLU MLP, quantized as vLLM's merged gate_up + down) scaled by
+# sigmoid(shared_expert_gate(x)): that gate reads the normed input too and stays in the model dtype.
+_QWEN2_MOE = _moe_mapping(_QWEN_MOE, shared="mlp.shared_expert")
+
 MAPPINGS: dict[str, ArchMapping] = {
     "OPTForCausalLM": _OPT,
     "LlamaForCausalLM": _LLAMA,
@@ -189,6 +251,9 @@ MAPPINGS: dict[str, ArchMapping] = {
     "GemmaForCausalLM": _GEMMA,
     "Gemma2ForCausalLM": _GEMMA2,
     "Gemma3ForCausalLM": _GEMMA2,  # text-only Gemma 3 (1B); the multimodal Gemma3ForConditionalGeneration is not mapped
+    "MixtralForCausalLM": _MIXTRAL,
+    "Qwen3MoeForCausalLM": _QWEN3_MOE,
+    "Qwen2MoeForCausalLM": _QWEN2_MOE,
 }
 
 
@@ -216,6 +281,13 @@ def mapping_for(config) -> ArchMapping:
             "attention has no SmoothQuant mapping yet; only the parallel-attention, single-layernorm layout (7B) is "
             "supported."
         )
+    if MAPPINGS[archs[0]].moe is not None and (getattr(config, "mlp_only_layers", None)
+                                               or getattr(config, "decoder_sparse_step", 1) != 1):
+        raise UnsupportedArchitectureError(
+            f"{archs[0]} with dense decoder layers among the MoE ones (mlp_only_layers "
+            f"{getattr(config, 'mlp_only_layers', None)}, decoder_sparse_step {getattr(config, 'decoder_sparse_step', 1)}) "
+            "has no SmoothQuant mapping yet; only models whose every decoder layer is a mixture of experts are supported."
+        )
     if archs[0] == "FalconForCausalLM" and not getattr(config, "multi_query", True):
         o = replace(_FALCON.groups[1], prev_rows="qkv:v-per-head")
         return replace(_FALCON, groups=(_FALCON.groups[0], o))
@@ -233,3 +305,33 @@ def attention_heads(config) -> tuple[int, int]:
     if getattr(config, "multi_query", False) and not getattr(config, "new_decoder_architecture", False):
         return heads, 1
     return heads, getattr(config, "num_key_value_heads", None) or heads
+
+
+def _pattern(name: str) -> re.Pattern:
+    return re.compile(re.escape(name).replace(r"\*", r"(\d+)") + "$")
+
+
+def expert_indices(pattern: str, names) -> list[int]:
+    """The expert indices ``*`` takes in ``pattern`` among ``names`` (module names inside a layer), ascending."""
+    rx = _pattern(pattern)
+    return sorted({int(m.group(1)) for n in names if (m := rx.match(n))})
+
+
+def expand_groups(groups, names) -> list[SmoothGroup]:
+    """``groups`` with every ``*`` made concrete against ``names`` (the module names of one decoder layer): ``*``
+    in ``prev`` gives one group per expert (named ``<group>.<e>``), ``*`` in the linears alone lists every expert's
+    linear in the one group. Groups without ``*`` come back as they are."""
+    names = list(names)
+    out = []
+    for g in groups:
+        if "*" in g.prev:
+            out += [replace(g, name=f"{g.name}.{e}", prev=g.prev.replace("*", str(e)), expert=e,
+                            linears=tuple(n.replace("*", str(e)) for n in g.linears))
+                    for e in expert_indices(g.prev, names)]
+        elif any("*" in n for n in g.linears):
+            linears = tuple(n.replace("*", str(e)) for n in g.linears if "*" in n
+                            for e in expert_indices(n, names))
+            out.append(replace(g, linears=linears + tuple(n for n in g.linears if "*" not in n)))
+        else:
+            out.append(g)
+    return out

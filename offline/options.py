@@ -15,6 +15,7 @@ import torch
 
 from vllm_smoothquant.format import (
     KV_CACHE_STRATEGIES,
+    WEIGHT_ROUNDINGS,
     WEIGHT_STRATEGIES,
     ActivationScheme,
     KVCacheScheme,
@@ -22,6 +23,7 @@ from vllm_smoothquant.format import (
     WeightScheme,
 )
 
+from .gptq import DAMP
 from .mappings import ArchMapping, SmoothGroup
 
 
@@ -96,6 +98,9 @@ class QuantizeOptions:
     offload_activations: str | None = None  # None: calibration activations stay on `device`; "cpu" | "disk"
     kv_cache: KVCacheScheme | None = None  # calibrated fp8 KV-cache scales (None: none written)
     ignore: tuple[str, ...] = ("lm_head",)
+    weight_rounding: str = "nearest"  # how the int8 values are chosen (the scales are the same): WEIGHT_ROUNDINGS
+    gptq_damp: float | None = None  # --weight-rounding gptq: fraction of mean(diag H) added to H (None: 0.01)
+    gptq_act_order: bool = False  # --weight-rounding gptq: columns in order of descending diag(H)
 
     def __post_init__(self):
         _check_alpha(self.alpha)
@@ -128,9 +133,32 @@ class QuantizeOptions:
             raise OptionsError(f"--kv-cache {self.kv_cache!r}: use fp8 or none.")
         if self.offload_activations not in (None, *OFFLOAD):
             raise OptionsError(f"--offload-activations {self.offload_activations!r}: use cpu or disk.")
+        self._check_rounding()
         if self.offload_activations == "cpu" and self.device == "cpu":
             raise OptionsError("--offload-activations cpu with --device cpu: the activations are in host memory "
                                "already; use --offload-activations disk to keep them out of memory.")
+
+    def _check_rounding(self) -> None:
+        if self.weight_rounding not in WEIGHT_ROUNDINGS:
+            raise OptionsError(f"--weight-rounding {self.weight_rounding!r}: use nearest (round to nearest) or gptq "
+                               "(GPTQ error compensation on the calibration inputs; same scales and format).")
+        if self.weight_rounding != "gptq":
+            given = [f for f, on in (("--gptq-damp", self.gptq_damp is not None),
+                                     ("--gptq-act-order", self.gptq_act_order)) if on]
+            if given:
+                they, them = ("they tune", "them") if len(given) > 1 else ("it tunes", "it")
+                raise OptionsError(f"{' and '.join(given)} with --weight-rounding {self.weight_rounding}: {they} "
+                                   f"GPTQ, which only runs with --weight-rounding gptq; add that, or drop {them}.")
+        d = self.gptq_damp
+        if d is not None and (isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < d < 1.0):
+            raise OptionsError(f"--gptq-damp {d!r} is outside (0, 1): it is the fraction of mean(diag H) added to "
+                               "the Hessian's diagonal; 0.01 is the usual value, 0.1 for a Hessian that will not "
+                               "invert.")
+
+    @property
+    def damp(self) -> float:
+        """GPTQ's damping: ``gptq_damp``, or GPTQ's usual 0.01."""
+        return DAMP if self.gptq_damp is None else float(self.gptq_damp)
 
     @property
     def storage_dtype(self) -> torch.dtype:
@@ -145,7 +173,7 @@ class QuantizeOptions:
         """The checkpoint's schemes (alpha and calibration are filled in after quantization)."""
         return SmoothQuantFormat(weights=self.weights, activations=self.activations,
                                  activation_overrides=dict(self.activation_overrides), ignore=self.ignore,
-                                 kv_cache=self.kv_cache)
+                                 kv_cache=self.kv_cache, weight_rounding=self.weight_rounding)
 
 
 def check_against_model(opts: QuantizeOptions, mapping: ArchMapping, num_layers: int,

@@ -24,7 +24,9 @@ from tqdm.auto import tqdm
 from vllm_smoothquant.format import ActivationScheme, Calibration, SmoothQuantFormat
 
 from .calibration import token_windows
+from .experts import check_expert_schemes, kept_modules
 from .export import ShardWriter, atomic_dir, check_output, directory_size, scratch_dir, write_metadata
+from .gptq import gptq_quantize_linears, layer_hessians, output_error
 from .kv_stats import kv_scale_tensors, record_kv
 from .layer_smoothing import smooth_layer
 from .loading import Checkpoint, open_checkpoint
@@ -33,11 +35,13 @@ from .options import OptionsError, QuantizeOptions, check_against_model
 from .quantization import quantize_weight, static_input_scale
 from .report import (
     GroupReport,
+    LinearRounding,
     MemoryMeter,
     QuantizeReport,
     gib,
     host_memory_available,
     return_freed_memory_to_os,
+    rounding_json,
 )
 from .streaming import (
     Activations,
@@ -66,12 +70,17 @@ class Recipe:
     fmt: SmoothQuantFormat
     num_layers: int
     tied_lm_head: bool
+    rounding: list[LinearRounding] = dataclasses.field(default_factory=list, compare=False)  # filled per layer (gptq)
+
+    @property
+    def gptq(self) -> bool:
+        return self.opts.weight_rounding == "gptq"
 
     @property
     def needs_stats(self) -> bool:
-        """Smoothing, a static scale or KV-cache scales need the calibration forwards; naive W8A8 per token
-        needs none."""
-        return bool(self.groups) or self.fmt.kv_cache is not None or any(
+        """Smoothing, a static scale, KV-cache scales or GPTQ (Hessians) need the calibration forwards; naive W8A8
+        per token with round to nearest needs none."""
+        return bool(self.groups) or self.fmt.kv_cache is not None or self.gptq or any(
             not s.dynamic for s in (self.fmt.activations, *self.fmt.activation_overrides.values()))
 
     def name(self, i: int, local: str = "") -> str:
@@ -91,9 +100,13 @@ class Recipe:
 
 def plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Recipe:
     n = len(ckpt.layers)
-    groups = check_against_model(opts, ckpt.mapping, n, list(layer_linears(ckpt.layers[0])))
+    local = list(layer_linears(ckpt.layers[0]))
+    groups = check_against_model(opts, ckpt.mapping, n, local)
+    fmt = opts.checkpoint_format()
+    check_expert_schemes(fmt, ckpt.mapping, n, local)  # MoE experts: dynamic activations only
+    fmt = dataclasses.replace(fmt, ignore=fmt.ignore + kept_modules(ckpt.mapping, n))  # MoE routers stay unquantized
     return Recipe(opts, ckpt.mapping, groups, ckpt.mapping.default_alpha if opts.alpha is None else opts.alpha,
-                  attention_heads(ckpt.config), opts.checkpoint_format(), n,
+                  attention_heads(ckpt.config), fmt, n,
                   bool(getattr(ckpt.config, "tie_word_embeddings", False)))
 
 
@@ -184,12 +197,23 @@ def calibrate(layer: nn.Module, linears: dict[str, nn.Linear], inputs: LayerInpu
 
 
 def quantize_layer(layer: nn.Module, i: int, linears: dict[str, nn.Linear], schemes: dict[str, ActivationScheme],
-                   after: dict[str, torch.Tensor], r: Recipe) -> dict[str, torch.Tensor]:
+                   after: dict[str, torch.Tensor], r: Recipe,
+                   hessians: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The layer's output tensors: int8 weights, scales, input scales (static), and its other tensors in ``--dtype``.
-    Each linear's weight becomes its dequantized int8 value in place (what the int8 GEMM computes with)."""
+    Each linear's weight becomes its dequantized int8 value in place (what the int8 GEMM computes with).
+    A linear in ``hessians`` (``--weight-rounding gptq``) gets GPTQ's integers for the same scale, and its output
+    error with round to nearest and with GPTQ goes to ``r.rounding``."""
     out = {}
+    gptq = gptq_quantize_linears({n: lin.weight for n, lin in linears.items() if n in hessians}, hessians,
+                                 r.opts.weights.strategy, r.opts.damp, r.opts.gptq_act_order,
+                                 r.name(i) + ".") if hessians else {}
     for name, lin in linears.items():
         q, scale = quantize_weight(lin.weight, r.opts.weights.strategy)
+        if name in gptq:
+            h, nearest = hessians[name], q
+            q, scale = gptq[name]
+            r.rounding.append(LinearRounding(i, name, output_error(lin.weight, nearest * scale, h),
+                                             output_error(lin.weight, q * scale, h)))
         out[f"{r.name(i, name)}.weight"], out[f"{r.name(i, name)}.weight_scale"] = q.cpu(), scale.cpu()
         if not schemes[name].dynamic:
             out[f"{r.name(i, name)}.input_scale"] = static_input_scale(after[name]).cpu()
@@ -223,7 +247,9 @@ def process_layer(ckpt: Checkpoint, i: int, r: Recipe, inputs: LayerInputs | Non
     absmax, samples = calibrate(layer, linears, inputs, i, r)
     after, reports = smooth_layer(layer, i, r.groups, absmax, r.alpha, r.heads, samples, schemes, r.opts.weights,
                                   r.opts.storage_dtype)
-    writer.write_all(quantize_layer(layer, i, linears, schemes, after, r))
+    hessians = layer_hessians(layer, linears, inputs.hidden, inputs.kwargs[i]) if r.gptq else None  # smoothed inputs
+    writer.write_all(quantize_layer(layer, i, linears, schemes, after, r, hessians))
+    del hessians
     if r.propagates(i):
         writer.write_all(propagate(layer, linears, inputs, i, schemes, after, r))
     ckpt.release_layer(i)
@@ -271,7 +297,8 @@ def _report_json(report: QuantizeReport, r: Recipe) -> dict:
     return {"groups": [vars(g) for g in report.groups], "smooth_groups": [g.name for g in r.groups],
             "calibrate_smooth_quantize_seconds": round(report.seconds, 1), "loading": report.loading,
             "activations": report.activations, "peak_rss_bytes": report.peak_rss_bytes,
-            "peak_cuda_bytes": report.peak_cuda_bytes, "layers": [vars(x) for x in report.layers]}
+            "peak_cuda_bytes": report.peak_cuda_bytes, "layers": [vars(x) for x in report.layers],
+            "weight_rounding": rounding_json(r.opts.weight_rounding, r.opts.damp, r.opts.gptq_act_order, r.rounding)}
 
 
 def _final_format(r: Recipe, groups: list[GroupReport], calib, num_windows: int) -> SmoothQuantFormat:

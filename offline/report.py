@@ -1,4 +1,5 @@
-"""What a quantize run reports: per group (alpha, max|X|), per layer (time, peak memory), per run.
+"""What a quantize run reports: per group (alpha, max|X|), per linear (weight rounding error), per layer (time, peak
+memory), per run.
 
 Host memory is the process's resident set (``VmHWM``, reset per layer through ``/proc/self/clear_refs`` where the
 kernel allows it; the run's peak is the max over all segments); CUDA memory is torch's peak allocation.
@@ -23,6 +24,36 @@ class GroupReport:
     alpha: float
     act_max_before: float
     act_max_after: float
+
+
+@dataclass
+class LinearRounding:
+    """One linear's relative output error ``||X Wᵀ − X Ŵᵀ||² / ||X Wᵀ||²`` on its calibration inputs
+    (``gptq.output_error``) with round-to-nearest and with GPTQ integers (``--weight-rounding gptq``; ``W``: the
+    smoothed weight)."""
+
+    layer: int
+    linear: str  # name inside the decoder layer, e.g. self_attn.q_proj
+    nearest: float
+    gptq: float
+
+
+def rounding_summary(rows: list[LinearRounding]) -> dict[str, dict[str, float]]:
+    """Mean over layers per linear (``self_attn.q_proj``: {nearest, gptq, linears}), and over all linears ("all")."""
+    by: dict[str, list[LinearRounding]] = {}
+    for x in rows:
+        by.setdefault(x.linear, []).append(x)
+    by["all"] = list(rows)
+    return {k: {"nearest": sum(x.nearest for x in v) / len(v), "gptq": sum(x.gptq for x in v) / len(v),
+                "linears": len(v)} for k, v in by.items() if v}
+
+
+def rounding_json(method: str, damp: float, act_order: bool, rows: list[LinearRounding]) -> dict:
+    """report.json's ``weight_rounding``: the method, and for gptq its settings, per-linear errors and their means."""
+    if method != "gptq":
+        return {"method": method}
+    return {"method": method, "damp": damp, "act_order": act_order, "mean_output_error": rounding_summary(rows),
+            "linears": [vars(x) for x in rows]}
 
 
 @dataclass

@@ -167,15 +167,24 @@ def run_layer(layer: nn.Module, hidden: Activations | list[torch.Tensor], kwargs
     return None if update else outs
 
 
+class InputAbsmax(dict):
+    """``{linear name: max|X| per input channel}``, with ``rows``: ``{linear name: input rows seen}``."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: dict[str, int] = {}
+
+
 @contextmanager
 def record_inputs(linears: dict[str, nn.Linear], sample_rows: int = 0, num_calls: int = 1):
     """Record ``{name: max|X| per input channel [in] float32}`` of each linear's input while active.
 
     With ``sample_rows > 0`` also ``{name: [<= sample_rows, in]}`` input rows, drawn evenly from
     each of the layer's ``num_calls`` calls (one per batch; for ``--alpha auto``). Yields
-    ``(absmax, samples)``, filled as the layer runs.
+    ``(absmax, samples)``, filled as the layer runs; ``absmax.rows[name]`` counts the input rows (tokens) each
+    linear saw: an MoE expert's linears see only the tokens routed to it.
     """
-    absmax: dict[str, torch.Tensor] = {}
+    absmax = InputAbsmax()
     samples: dict[str, list[torch.Tensor]] = {}
     per_call = -(-sample_rows // num_calls) if sample_rows else 0
     g = torch.Generator().manual_seed(0)
@@ -186,6 +195,7 @@ def record_inputs(linears: dict[str, nn.Linear], sample_rows: int = 0, num_calls
             x = x.reshape(-1, x.shape[-1])
             m = x.abs().amax(dim=0).float()
             absmax[name] = torch.maximum(absmax[name], m) if name in absmax else m
+            absmax.rows[name] = absmax.rows.get(name, 0) + x.shape[0]
             if per_call:
                 idx = torch.randperm(x.shape[0], generator=g)[:per_call].to(x.device)
                 samples.setdefault(name, []).append(x[idx].float())

@@ -46,6 +46,44 @@ class FakeQuantLinear(torch.nn.Module):
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
 
+# Mixtures of experts: the checkpoint's MoE block name and each expert's (gate, up, down) linears; transformers 5
+# holds the experts fused (3D parameters) and calls the block `mlp`.
+MOE_EXPERTS = {"MixtralForCausalLM": ("block_sparse_moe", ("w1", "w3", "w2")),
+               "Qwen2MoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+               "Qwen3MoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+
+
+class FakeQuantExperts(torch.nn.Module):
+    """Routed SiLU experts, each linear a FakeQuantLinear; called as transformers calls its fused experts."""
+
+    def __init__(self, experts: list[tuple[FakeQuantLinear, FakeQuantLinear, FakeQuantLinear]]):
+        super().__init__()
+        self.experts = torch.nn.ModuleList(torch.nn.ModuleList(e) for e in experts)
+
+    def forward(self, hidden_states, top_k_index, top_k_weights):
+        out = torch.zeros_like(hidden_states)
+        for e, (gate, up, down) in enumerate(self.experts):
+            token, pos = torch.where(top_k_index == e)
+            if token.numel():
+                x = hidden_states[token]
+                y = down(torch.nn.functional.silu(gate(x)) * up(x)) * top_k_weights[token, pos, None]
+                out.index_add_(0, token, y.to(out.dtype))
+        return out
+
+
+def _fake_quant_experts(model, sd: dict, arch: str) -> dict:
+    """Swap every layer's fused experts for FakeQuantExperts from the checkpoint's per-expert int8 tensors (popped
+    from ``sd``); returns ``sd`` with the block's other names in the model's spelling (``mlp``)."""
+    block, names = MOE_EXPERTS[arch]
+    for i, layer in enumerate(model.model.layers):
+        prefix = f"model.layers.{i}.{block}.experts"
+        count = len({k.split(".")[5] for k in sd if k.startswith(prefix + ".")})
+        experts = [tuple(FakeQuantLinear(sd.pop(f"{prefix}.{e}.{n}.weight"), sd.pop(f"{prefix}.{e}.{n}.weight_scale"),
+                                         None) for n in names) for e in range(count)]
+        layer.mlp.experts = FakeQuantExperts(experts)
+    return {k.replace(f".{block}.", ".mlp."): v for k, v in sd.items()}
+
+
 def load_fake_quant_model(ckpt: Path, dtype=torch.float32):
     """An HF model for a SmoothQuant checkpoint with every quantized Linear simulated in fp32."""
     from safetensors.torch import load_file
@@ -58,6 +96,8 @@ def load_fake_quant_model(ckpt: Path, dtype=torch.float32):
     sd = {}
     for f in sorted(ckpt.glob("*.safetensors")):
         sd.update(load_file(f))
+    if config.architectures[0] in MOE_EXPERTS:
+        sd = _fake_quant_experts(model, sd, config.architectures[0])
     for name, mod in list(model.named_modules()):
         if isinstance(mod, torch.nn.Linear) and f"{name}.weight_scale" in sd:
             parent, leaf = name.rsplit(".", 1)

@@ -14,6 +14,8 @@ import torch
 ARCHS = ("OPTForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
          "Phi3ForCausalLM", "BloomForCausalLM", "FalconForCausalLM", "GemmaForCausalLM",
          "Gemma2ForCausalLM", "Gemma3ForCausalLM")
+# Mixtures of experts: 4 experts, top-2 (Qwen2-MoE with a shared expert); built by tiny_config like the dense ones.
+MOE_ARCHS = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
     "you were her she there one all we their its been has more if no when will would who so my what up out them "
@@ -49,6 +51,8 @@ def tiny_config(arch: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv
     if arch == "FalconForCausalLM":
         return transformers.FalconConfig(hidden_size=hidden, parallel_attn=True, new_decoder_architecture=False,
                                          multi_query=True, bias=False, alibi=False, **common)
+    if arch in MOE_ARCHS:
+        return _moe_config(arch, hidden, kv_heads, common)
     if arch.startswith("Gemma"):
         cls = {"GemmaForCausalLM": "GemmaConfig", "Gemma2ForCausalLM": "Gemma2Config",
                "Gemma3ForCausalLM": "Gemma3TextConfig"}[arch]
@@ -61,10 +65,37 @@ def tiny_config(arch: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv
                                       tie_word_embeddings=False, **common, **extra)
 
 
+def _moe_config(arch: str, hidden: int, kv_heads: int, common: dict):
+    import transformers
+
+    moe = dict(num_experts_per_tok=2, num_key_value_heads=kv_heads, tie_word_embeddings=False, **common)
+    if arch == "MixtralForCausalLM":
+        return transformers.MixtralConfig(hidden_size=hidden, intermediate_size=hidden, num_local_experts=4, **moe)
+    qwen = dict(hidden_size=hidden, moe_intermediate_size=hidden, intermediate_size=2 * hidden, num_experts=4,
+                norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **moe)
+    if arch == "Qwen3MoeForCausalLM":
+        return transformers.Qwen3MoeConfig(head_dim=hidden // common["num_attention_heads"], **qwen)
+    return transformers.Qwen2MoeConfig(shared_expert_intermediate_size=hidden, **qwen)
+
+
+@torch.no_grad()
+def _inject_expert_outliers(module, g: torch.Generator, factor: float) -> None:
+    """Fused experts (transformers 5: gate_up_proj [E, 2I, H]): a few up rows per expert, so each expert's down
+    input has its own outlier channels; routers get a spread that keeps top-k choices far from ties."""
+    if isinstance(getattr(module, "gate_up_proj", None), torch.nn.Parameter):
+        inter = module.gate_up_proj.shape[1] // 2
+        for e in range(module.gate_up_proj.shape[0]):
+            idx = inter + torch.randperm(inter, generator=g)[:2]
+            module.gate_up_proj[e, idx] *= factor / 3
+    elif type(module).__name__.endswith("TopKRouter"):
+        module.weight.normal_(0, 0.3, generator=g)
+
+
 @torch.no_grad()
 def inject_outliers(model, seed: int = 0, factor: float = 30.0) -> None:
     g = torch.Generator().manual_seed(seed)
     for name, m in model.named_modules():
+        _inject_expert_outliers(m, g, factor)
         leaf = name.rsplit(".", 1)[-1]
         w = getattr(m, "weight", None)
         if w is None or not isinstance(w, torch.nn.Parameter):

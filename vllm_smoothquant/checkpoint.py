@@ -12,7 +12,9 @@ and fails, naming the file or the checkpoint tensor and the fix, on
 - a tensor the format does not expect: an ``input_scale`` of a dynamic module, scales of a module
   whose weight is not int8 or that ``ignore`` keeps unquantized, another method's quantization
   tensors (zero points, GPTQ/AWQ packing, ...), a tensor stored twice;
-- a wrong dtype or rank, or a channel scale whose rows differ from its weight's.
+- a wrong dtype or rank, or a channel scale whose rows differ from its weight's;
+- a mixture-of-experts tensor of an expert config.json does not have (``experts.<e>.`` with ``e`` at or above
+  ``num_local_experts`` / ``num_experts``): vLLM would drop or misplace it.
 
 Always an error, never a warning: vLLM itself fails on most unknown names, but with a raw
 ``KeyError`` (Falcon), ``ValueError`` (``AutoWeightsLoader``) or ``AttributeError`` (a fused layer's
@@ -29,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,7 +180,22 @@ def _shape_problems(fmt: SmoothQuantFormat, module: str, have: dict[str, TensorI
     return out
 
 
-def check_checkpoint(model: str, fmt: SmoothQuantFormat) -> None:
+_EXPERT = re.compile(r"\.experts\.(\d+)\.")
+_EXPERT_COUNTS = ("num_local_experts", "num_experts", "n_routed_experts")  # config.json's routed-expert count
+
+
+def expert_problems(tensors: Mapping[str, TensorInfo], hf_config) -> list[str]:
+    """Tensors of experts beyond config.json's routed-expert count, one line each."""
+    count = next((getattr(hf_config, a) for a in _EXPERT_COUNTS if isinstance(getattr(hf_config, a, None), int)),
+                 None)
+    if count is None:
+        return []
+    return [f"{name}: expert {int(m[1])}, but config.json declares {count} experts (0..{count - 1}): the weights and "
+            "config.json come from different models" for name in sorted(tensors)
+            if (m := _EXPERT.search(name)) and int(m[1]) >= count]
+
+
+def check_checkpoint(model: str, fmt: SmoothQuantFormat, hf_config=None) -> None:
     """Fail before loading if the local checkpoint ``model`` does not follow the format (see the module doc).
 
     A hub id (not a local directory) is skipped: its files are fetched later, by vLLM's loader, whose
@@ -193,6 +211,8 @@ def check_checkpoint(model: str, fmt: SmoothQuantFormat) -> None:
         return
     tensors, problems = read_headers(files)
     problems += find_problems(fmt, tensors)
+    if hf_config is not None:
+        problems += expert_problems(tensors, getattr(hf_config, "get_text_config", lambda: hf_config)())
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""

