@@ -3,7 +3,8 @@
 Modules, one job each: ``mappings`` (which norm/linear feeds which linears, per architecture),
 ``calibration`` (text -> token windows -> per-channel input absmax), ``smoothing`` (the
 migration math and its apply step), ``layer_smoothing`` (one layer's groups), ``quantization``
-(int8 weights), ``options`` (QuantizeOptions and their checks), ``loading`` (the model, layer by
+(int8 weights), ``gptq`` (error-compensating int8 rounding), ``experts`` (mixture-of-experts blocks as
+per-expert linears), ``kv_stats`` (fp8 KV-cache scales), ``options`` (QuantizeOptions and their checks), ``loading`` (the model, layer by
 layer), ``export`` (atomic safetensors checkpoint, written as it goes), ``report`` (time and
 memory), ``pipeline`` (the steps in order), ``harness`` (the one way to build a
 vLLM engine, read its logprobs, keep its log in a file and record provenance), ``evaluate`` (perplexity

@@ -43,13 +43,16 @@ def describe(ckpt: Path) -> str:
     cfg, fmt = _format(ckpt)
     lines = [
         f"{ckpt}: {cfg.get('architectures', ['?'])[0]}, SmoothQuant format v{fmt.format_version}",
-        f"  weights: int8 per {fmt.weights.strategy}; activations: int8 "
+        f"  weights: int8 per {fmt.weights.strategy}, rounded {fmt.weight_rounding}; activations: int8 "
         + ("dynamic per token" if fmt.activations.dynamic else "static per tensor (input_scale)")
         + "".join(f"; {k}: {'dynamic per token' if v.dynamic else 'static per tensor'}"
                   for k, v in fmt.activation_overrides.items()),
         f"  smoothed: {fmt.smoothed}, alpha: {fmt.alpha}, ignore: {list(fmt.ignore)}",
         f"  calibration: {fmt.calibration.source} ({fmt.calibration.num_samples} x {fmt.calibration.seq_len} tokens)",
     ]
+    if fmt.kv_cache is not None:
+        lines.append(f"  KV cache: {fmt.kv_cache.dtype}, one scale per "
+                     + ("KV head" if fmt.kv_cache.strategy == "head" else "attention layer"))
     report = ckpt / STATS_DIR / "report.json"
     if report.is_file():
         groups = json.loads(report.read_text())["groups"]

@@ -141,6 +141,7 @@ def test_inspect_prints_groups_and_writes_plots_only_where_asked(sq_ckpt, tmp_pa
     assert main(["inspect", str(sq_ckpt)]) == 0  # no --plot-dir: reads only, writes nothing anywhere
     out = capsys.readouterr().out
     assert "SmoothQuant format v1" in out and "gate_up" in out and "14 quantized linears" in out
+    assert "int8 per channel, rounded nearest" in out and "KV cache" not in out
     assert _files(sq_ckpt) == before and not titles
     assert main(["inspect", str(sq_ckpt), "--plot-layers", "0,1", "--plot-dir", str(tmp_path / "p")]) == 0
     assert sorted(p.name for p in (tmp_path / "p").iterdir()) == ["layer0-act-absmax.png", "layer1-act-absmax.png"]
@@ -291,3 +292,12 @@ def test_convert_of_a_corrupt_config_is_a_clear_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert str(src / "config.json") in err and "not valid JSON" in err
     assert not (tmp_path / "ct").exists()
+
+
+def test_inspect_names_the_kv_cache_scheme(tiny, tmp_path, capsys):
+    model, calib = tiny
+    assert _quantize(model, tmp_path / "kv", calib, "--kv-cache", "fp8", "--kv-cache-scales", "head") == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "kv")]) == 0
+    out = capsys.readouterr().out
+    assert "SmoothQuant format v2" in out and "KV cache: fp8_e4m3, one scale per KV head" in out
