@@ -41,6 +41,7 @@ VARIANTS = {
     "smoothquant_kv16": ("smoothquant-kv8", ["--quantization", "smoothquant", "--kv-cache-dtype", "bfloat16"]),
     "smoothquant_kv8": ("smoothquant-kv8", ["--quantization", "smoothquant"]),
     "fp8_kv8": ("fp16", ["--quantization", "fp8", "--kv-cache-dtype", "fp8"]),
+    "fp8": ("fp16", ["--quantization", "fp8"]),
 }
 QUANT_ARG = {v: flags for v, (_, flags) in VARIANTS.items()}
 
@@ -55,7 +56,20 @@ SHAPES = {
         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
         rms_norm_eps=1e-5, tie_word_embeddings=False, architectures=["LlamaForCausalLM"],
     ),
+    # Qwen3-30B-A3B with 24 of its 48 decoder layers (15.5B parameters, 31 GB in 16 bits: fits one H100 with room
+    # for the KV cache, and the fp16 + int8 checkpoints fit the GPU machine's disk); 128 experts, top-8
+    "qwen3-30b-a3b-24l": dict(
+        cls="Qwen3MoeConfig", hidden_size=2048, num_hidden_layers=24, intermediate_size=6144, moe_intermediate_size=768,
+        num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+        rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, architectures=["Qwen3MoeForCausalLM"],
+    ),
     # for testing this script on a CPU
+    "tiny-qwen3-moe": dict(
+        cls="Qwen3MoeConfig", hidden_size=64, num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=32,
+        num_experts=8, num_experts_per_tok=2, norm_topk_prob=True, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, vocab_size=50272, max_position_embeddings=2048, architectures=["Qwen3MoeForCausalLM"],
+    ),
     "tiny-opt": dict(
         cls="OPTConfig", hidden_size=64, num_hidden_layers=2, ffn_dim=256, num_attention_heads=4, vocab_size=50272,
         max_position_embeddings=2048, word_embed_proj_dim=64, architectures=["OPTForCausalLM"],
@@ -75,6 +89,7 @@ def build(shape: str, root: Path, tokenizer: Path, device: str, fp16_only: bool 
 
     from vllm_smoothquant.format import Calibration, SmoothQuantFormat
     from vllm_smoothquant.offline.convert import to_compressed_tensors
+    from vllm_smoothquant.offline.experts import split_experts
     from vllm_smoothquant.offline.export import atomic_dir, save_safetensors
     from vllm_smoothquant.offline.mappings import mapping_for
     from vllm_smoothquant.offline.quantization import quantize_weight
@@ -85,7 +100,9 @@ def build(shape: str, root: Path, tokenizer: Path, device: str, fp16_only: bool 
     dirs = _dirs(root, shape)
     with torch.device("meta"):
         meta = AutoModelForCausalLM.from_config(config)
-    layers = mapping_for(config).layers
+    mapping = mapping_for(config)
+    split_experts(meta, mapping)  # MoE: per-expert tensors under the checkpoint's names, as vLLM loads them
+    layers = mapping.layers
     linears = {n for n, m in meta.named_modules() if isinstance(m, torch.nn.Linear) and n.startswith(layers + ".")}
     gen = torch.Generator(device=device).manual_seed(0)
     fp16: dict[str, torch.Tensor] = {}

@@ -15,7 +15,7 @@ from torch import nn
 
 from vllm_smoothquant.format import ActivationScheme, WeightScheme
 
-from .alpha_search import search_alpha
+from .alpha_search import BlockProbe, search_alpha, search_alpha_block
 from .experts import MIN_EXPERT_TOKENS
 from .mappings import SmoothGroup, expand_groups
 from .report import GroupReport
@@ -73,6 +73,50 @@ def group_scales(act_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float,
     return s, s
 
 
+def _smooth_group(layer: nn.Module, g: SmoothGroup, a: torch.Tensor, w: torch.Tensor, alpha: float,
+                  heads: tuple[int, int], storage: torch.dtype | None) -> torch.Tensor:
+    """Smooth group ``g`` of ``layer`` in place with ``alpha`` (``a``, ``w``: its input and weight absmax);
+    returns s_in, the scale of the linears' input channels."""
+    s_prev, s_in = group_scales(a, w, alpha, g, *heads)
+    prev = layer.get_submodule(g.prev)
+    if storage is not None and not isinstance(prev, nn.Linear):
+        s_prev = s_in = storable_norm_scales(prev.weight, s_prev.to(prev.weight.device), g.norm_offset, storage)
+    scaled = [layer.get_submodule(n) for n in g.linears + g.passengers]
+    apply_smoothing(prev, scaled, s_prev, s_in, g.norm_offset, g.rows(prev, *heads))
+    return s_in
+
+
+def _touched(layer: nn.Module, g: SmoothGroup) -> list[torch.Tensor]:
+    """The tensors smoothing ``g`` edits in place: prev's weight (and bias), the linears' and passengers' weights."""
+    prev = layer.get_submodule(g.prev)
+    bias = [prev.bias] if getattr(prev, "bias", None) is not None else []
+    return [prev.weight, *bias, *(layer.get_submodule(n).weight for n in g.linears + g.passengers)]
+
+
+def _smoothed_absmax(after: dict[str, torch.Tensor], act_absmax: dict[str, torch.Tensor], seen: list[str],
+                     s_in: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``after`` with the group's linears (``seen``) at their input absmax once smoothed by ``s_in``."""
+    return {**after, **{n: act_absmax[n] / s_in.to(act_absmax[n].device) for n in seen}}
+
+
+def _auto_alpha(layer, g, seen, a, w, act_absmax, after, heads, samples, schemes, weights, storage, probe,
+                tokens) -> float:
+    """``--alpha auto`` for one group: the block objective with a ``probe`` on a dense group, else (an expert
+    group, or no probe) the group-local objective on the ``samples`` rows (``alpha_search``)."""
+    if probe is not None and tokens is None:
+        linears = {n: layer.get_submodule(n) for n in schemes}
+        return search_alpha_block(
+            layer, lambda al: _smooth_group(layer, g, a, w, al, heads, storage), _touched(layer, g), probe,
+            linears, schemes, lambda s_in: _smoothed_absmax(after, act_absmax, seen, s_in), weights.strategy)[0]
+    if samples is None:
+        raise ValueError(f"--alpha auto, group {g.name!r}: no calibration input rows (samples) for the "
+                         "group-local search; pass samples (pipeline.calibrate records them) or a BlockProbe")
+    rows_in = torch.cat([samples[n] for n in seen if n in samples])
+    return search_alpha(lambda al: group_scales(a, w, al, g, *heads)[1], rows_in.to(w.device),
+                        [layer.get_submodule(n).weight for n in g.linears], a, schemes[seen[0]],
+                        weights.strategy)[0]
+
+
 @torch.no_grad()
 def smooth_layer(
     layer: nn.Module,
@@ -85,20 +129,21 @@ def smooth_layer(
     schemes: dict[str, ActivationScheme] | None = None,
     weights: WeightScheme = WeightScheme(),
     storage: torch.dtype | None = None,
+    probe: BlockProbe | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[GroupReport]]:
     """Apply smoothing to one decoder layer in place; return its linears' input absmax after smoothing.
 
     ``act_absmax`` and ``samples`` are keyed by the linear's name inside the layer. After smoothing a
-    group's input is X / s, so its new absmax is ``act_absmax / s`` exactly. ``alpha="auto"``
-    searches alpha per group on ``samples`` (see ``alpha_search``) for the layer's activation
-    ``schemes`` and the ``weights`` scheme. ``storage``: the checkpoint's dtype, in which a folded norm
-    weight must be exact (``storable_norm_scales``).
+    group's input is X / s, so its new absmax is ``act_absmax / s`` exactly. ``alpha="auto"`` searches
+    alpha per group, in order (see ``alpha_search``): a dense group by the W8A8 error of the layer's output on
+    ``probe`` (every linear of ``schemes`` simulated with its activation scheme and the ``weights`` scheme), an
+    expert group (or any group without a probe) by its own output error on ``samples``. ``storage``: the
+    checkpoint's dtype, in which a folded norm weight must be exact (``storable_norm_scales``).
     """
     after = dict(act_absmax)
     rows = getattr(act_absmax, "rows", {})
     reports = []
     for g in expand_groups(groups, dict(layer.named_modules())):
-        linears = [layer.get_submodule(n) for n in g.linears]
         seen = [n for n in g.linears if n in act_absmax]
         tokens = _expert_tokens(g, rows)
         if (fallback := _fallback(g, seen, tokens)) is not None:
@@ -106,23 +151,12 @@ def smooth_layer(
             reports.append(ExpertGroupReport(index, g.name, alpha if alpha != "auto" else 0.0, before, before,
                                              tokens, fallback))
             continue
-        w = weight_absmax(linears)
+        w = weight_absmax([layer.get_submodule(n) for n in g.linears])
         a = torch.stack([act_absmax[n].to(w.device) for n in seen]).amax(dim=0)
-        group_alpha = alpha
-        if alpha == "auto":
-            rows_in = torch.cat([samples[n] for n in seen if n in samples])
-            group_alpha, _ = search_alpha(
-                lambda al: group_scales(a, w, al, g, *heads)[1], rows_in.to(w.device),
-                [lin.weight for lin in linears], a, schemes[seen[0]], weights.strategy,
-            )
-        s_prev, s_in = group_scales(a, w, group_alpha, g, *heads)
-        prev = layer.get_submodule(g.prev)
-        if storage is not None and not isinstance(prev, nn.Linear):
-            s_prev = s_in = storable_norm_scales(prev.weight, s_prev.to(prev.weight.device), g.norm_offset, storage)
-        scaled = linears + [layer.get_submodule(n) for n in g.passengers]
-        apply_smoothing(prev, scaled, s_prev, s_in, g.norm_offset, g.rows(prev, *heads))
-        for n in seen:
-            after[n] = act_absmax[n] / s_in.to(act_absmax[n].device)
+        group_alpha = alpha if alpha != "auto" else _auto_alpha(
+            layer, g, seen, a, w, act_absmax, after, heads, samples, schemes, weights, storage, probe, tokens)
+        s_in = _smooth_group(layer, g, a, w, group_alpha, heads, storage)
+        after = _smoothed_absmax(after, act_absmax, seen, s_in)
         args = (index, g.name, group_alpha, float(a.max()), float((a / s_in.to(a.device)).max()))
         reports.append(GroupReport(*args) if tokens is None else ExpertGroupReport(*args, tokens))
     return after, reports

