@@ -18,12 +18,12 @@ from vllm_smoothquant.offline.harness import PROVENANCE_KEYS
 
 HERE = Path(__file__).resolve().parent
 # gpu_bench.py's variants, in table order; "_kv8" = fp8 e4m3 KV cache, "_kv16" = 16-bit KV cache forced
-VARIANTS = ("fp16", "fp16_kv8", "stock_w8a8", "smoothquant", "smoothquant_kv16", "smoothquant_kv8", "fp8_kv8")
+VARIANTS = ("fp16", "fp16_kv8", "stock_w8a8", "smoothquant", "smoothquant_kv16", "smoothquant_kv8", "fp8", "fp8_kv8")
 LABELS = {"fp16": "FP16", "fp16_kv8": "FP16 + fp8 KV", "stock_w8a8": "stock W8A8", "smoothquant": "SmoothQuant",
           "smoothquant_kv16": "SmoothQuant, 16-bit KV", "smoothquant_kv8": "SmoothQuant + fp8 KV",
-          "fp8_kv8": "FP8 + fp8 KV"}
+          "fp8": "FP8", "fp8_kv8": "FP8 + fp8 KV"}
 # ratio columns (a, b): a's speed over b's, where both ran
-RATIOS = (("smoothquant", "fp16"), ("smoothquant", "stock_w8a8"), ("smoothquant_kv8", "fp16"),
+RATIOS = (("smoothquant", "fp16"), ("smoothquant", "stock_w8a8"), ("smoothquant", "fp8"), ("smoothquant_kv8", "fp16"),
           ("smoothquant_kv8", "fp8_kv8"))
 METRIC = {"vllm bench throughput": "tok_s", "vllm bench latency": "latency_s", "vllm bench serve": "output_tok_s"}
 EXTRA = ("latency_p50_s", "output_tok_s", "kv_cache_tokens", "model_load_gib", "mean_ttft_ms", "mean_tpot_ms",
@@ -66,15 +66,15 @@ def markdown(rows: list[dict]) -> str:
     ran = lambda v: any(f"{v}_{r['metric']}" in r for r in rows)
     variants = [v for v in VARIANTS if ran(v)]
     ratios = [(a, b) for a, b in RATIOS if any(_ratio(r, a, b) for r in rows)]
-    lines = ["| tool | workload | metric | " + " | ".join(LABELS[v] for v in variants) + "".join(
+    lines = ["| model | tool | workload | metric | " + " | ".join(LABELS[v] for v in variants) + "".join(
              f" | {LABELS[a]} / {LABELS[b]}" for a, b in ratios) + " |",
-             "|---|---|---|" + "---:|" * (len(variants) + len(ratios))]
+             "|---|---|---|---|" + "---:|" * (len(variants) + len(ratios))]
     for r in rows:
         m = r["metric"]
         cell = lambda v: f"{r[f'{v}_{m}']:,.3f}" if m == "latency_s" and f"{v}_{m}" in r else (
             f"{r[f'{v}_{m}']:,.0f}" if f"{v}_{m}" in r else "not run")
         ratio = lambda a, b: f"{x:.2f}x" if (x := _ratio(r, a, b)) else "-"
-        lines.append(f"| {r['tool']} | {r['workload']} | {m} | " + " | ".join(cell(v) for v in variants)
+        lines.append(f"| {r['model']} | {r['tool']} | {r['workload']} | {m} | " + " | ".join(cell(v) for v in variants)
                      + "".join(f" | {ratio(a, b)}" for a, b in ratios) + " |")
     return "\n".join(lines)
 
@@ -88,7 +88,7 @@ def plot(rows: list[dict], path: Path) -> None:
     variants = [v for v in VARIANTS if any(f"{v}_{r['metric']}" in r for r in rows)]
     width = 0.8 / len(variants)
     fig, ax = plt.subplots(figsize=(9, 0.25 * len(rows) * len(variants) + 1.5))
-    labels, cmap = [], plt.get_cmap("tab10")
+    labels, cmap, shown = [], plt.get_cmap("tab10"), set()
     for i, r in enumerate(rows):
         base = r.get(f"fp16_{r['metric']}")
         for j, v in enumerate(variants):
@@ -97,13 +97,17 @@ def plot(rows: list[dict], path: Path) -> None:
                 continue
             speed = val / base if r["metric"] != "latency_s" else base / val
             y = i + (j - (len(variants) - 1) / 2) * width
-            ax.barh(y, speed, height=width * 0.9, color=cmap(j), label=LABELS[v] if i == 0 else None)
+            ax.barh(y, speed, height=width * 0.9, color=cmap(j), label=LABELS[v] if v not in shown else None)
+            shown.add(v)
             ax.text(speed, y, f" {speed:.2f}x", va="center", fontsize=7)
-        labels.append(f"{r['tool'].split()[-1]}: {r['workload']}")
+        labels.append(f"{r['model'].removesuffix(' (random weights)')}\n{r['tool'].split()[-1]}: {r['workload']}")
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.axvline(1.0, color="black", lw=0.5)
+    ax.set_xlim(0, ax.get_xlim()[1] * 1.08)  # room for the ratio labels
     ax.set_xlabel("speed relative to FP16 (higher is better)")
-    ax.set_title(f"{rows[0]['model']} on {rows[0]['device']}, vLLM {rows[0]['vllm']}")
+    models = sorted({r["model"] for r in rows})
+    ax.set_title(f"{models[0] if len(models) == 1 else 'random-weight shapes'} on {rows[0]['device']}, "
+                 f"vLLM {rows[0]['vllm']}")
     ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
