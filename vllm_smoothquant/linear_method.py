@@ -3,7 +3,9 @@
 Parameters use vLLM's parameter classes, so fused layers (qkv, gate_up) and tensor-parallel
 sharding go through vLLM's own ``weight_loader_v2``. The GEMM is vLLM's int8 kernel chosen
 by ``init_int8_linear_kernel``: ``scaled_int8_quant`` (per-token dynamic or static) +
-``cutlass_scaled_mm`` on CUDA, oneDNN on CPU.
+``cutlass_scaled_mm`` on CUDA, oneDNN on CPU. Under vLLM's compilation on CUDA, the linears after a
+norm or an activation function quantize their input in native torch instead, which Inductor fuses
+into the norm's / activation's kernel (``fused_quant.py``; same int8 values and scales).
 
 The loaders are wrapped with checks, so a checkpoint tensor that does not match the declared
 format (dtype, rank, columns, and rows: those vLLM's layer expects for the shard, before the
@@ -27,6 +29,7 @@ from vllm.model_executor.parameter import (
     PerTensorScaleParameter,
 )
 
+from . import fused_quant
 from .checkpoint import FIX as _FIX
 from .checkpoint import CheckpointTensorError
 from .format import ActivationScheme, SmoothQuantFormat
@@ -87,6 +90,7 @@ class SmoothQuantLinearMethod(LinearMethodBase):
         self.prefix = prefix
         self.activations = activations or fmt.activations  # this layer's scheme (activation_overrides applied)
         self.kernel = None
+        self.fused = False  # input quant in native torch, fused by Inductor into the producer (CUDA, compiled)
         self.shards: tuple = (None,)  # the shard ids this layer's loaders must each receive
         self.received: dict[str, set] = {}  # parameter name -> shard ids its loader received (None: whole)
         self.checkpoint_names: dict = {}  # shard id -> checkpoint module name (q -> ...self_attn.q_proj)
@@ -111,6 +115,8 @@ class SmoothQuantLinearMethod(LinearMethodBase):
             input_symmetric=True,
             module_name=type(self).__name__,
         )
+        self.fused = (fused_quant.role_of(self.prefix) in fused_quant.engine_fuses()
+                      and type(self.kernel).__name__ == "CutlassInt8ScaledMMLinearKernel")
         self.shards = layer_shards(layer)
         parent, _, leaf = self.prefix.rpartition(".")
         parts = _packed_modules().get(leaf) or []
@@ -232,6 +238,8 @@ class SmoothQuantLinearMethod(LinearMethodBase):
         self.kernel.process_weights_after_loading(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.fused and torch.compiler.is_compiling():
+            return fused_quant.int8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
         return self.kernel.apply_weights(layer, x, bias)
 
 
@@ -240,3 +248,8 @@ def quant_methods(model: torch.nn.Module) -> dict[str, str]:
     from vllm.model_executor.layers.linear import LinearBase
 
     return {n: type(m.quant_method).__name__ for n, m in model.named_modules() if isinstance(m, LinearBase)}
+
+
+def fused_linears(model: torch.nn.Module) -> list[str]:
+    """Names of the linear layers whose input quant runs fused into its producer; use with ``LLM.apply_model``."""
+    return [n for n, m in model.named_modules() if getattr(getattr(m, "quant_method", None), "fused", False)]

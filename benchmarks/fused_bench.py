@@ -1,0 +1,193 @@
+"""Fused activation quant (issue 11): decode latency of stock vLLM W8A8 vs SmoothQuant fused vs unfused, with
+interleaved repeats in one process, and an engine-level kernel profile by category.
+
+    python benchmarks/gpu_bench.py build --shape llama-3-8b --root R --tokenizer TOK --device cuda
+    python benchmarks/fused_bench.py latency --shape llama-3-8b --root R --out lat.json
+    python benchmarks/fused_bench.py profile --shape llama-3-8b --root R --out prof.json --variants fp16 smoothquant
+
+`latency`: every variant's engine is built once (vLLM's defaults: torch.compile + CUDA graphs, each engine a share
+of the GPU) and the measurements rotate through them -- repeat r, batch size b, variant v -- so a drift of the
+machine hits every variant alike. One measurement is what `vllm bench latency` times: `LLM.generate` of b dummy
+prompts (input_len token ids, ignore_eos, max_tokens output_len), mean over `--iters` after a warm-up.
+`profile`: vLLM's torch profiler around decode steps (batch 1 and 64) per variant; kernel time by category
+(GEMM, activation quant, norm, attention, activation function, sampling, other) and the GPU-idle share of the window.
+Random weights: speed only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import glob
+import gzip
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_bench import _dirs  # noqa: E402
+
+UNFUSED = {"smoothquant": {"fused_quant": False}}
+# variant -> (checkpoint variant in gpu_bench's build, quantization, additional_config)
+VARIANTS = {
+    "fp16": ("fp16", None, None),
+    "stock_w8a8": ("stock_w8a8", None, None),
+    "smoothquant": ("smoothquant", "smoothquant", None),  # fused quant: the default
+    "smoothquant_unfused": ("smoothquant", "smoothquant", UNFUSED),
+}
+
+# kernel name -> category, first match wins (Inductor names its Triton kernels after the ops it fused)
+CATEGORIES = [
+    ("activation quant (vLLM kernel)", r"scaled_int8_quant|scaled_fp8_quant"),
+    ("GEMM", r"cutlass|gemm|nvjet|xmma|cublas|sm90_|sm80_|Kernel2"),
+    ("attention", r"flash|fmha|attn|attention|paged|reshape_and_cache"),
+    ("norm + quant (fused)", r"triton.*(rsqrt|layer_norm|var_mean).*(amax|round|abs)|"
+                             r"triton.*(amax|round|abs).*(rsqrt|layer_norm|var_mean)"),
+    ("norm", r"triton.*(rsqrt|layer_norm|var_mean)|rms_norm|layernorm"),
+    ("act fn + quant (fused)", r"triton.*(silu|sigmoid|relu|gelu).*(amax|round|abs)|"
+                               r"triton.*(amax|round|abs).*(silu|sigmoid|relu|gelu)"),
+    ("activation function", r"silu|sigmoid|relu|gelu|act_and_mul"),
+    ("activation quant (Triton)", r"triton.*(amax|round)"),
+    ("sampling", r"sampl|topk|top_k|sort|argmax|softmax|exponential|gumbel|log_softmax|penalt"),
+]
+
+
+def _category(name: str) -> str:
+    for cat, pat in CATEGORIES:
+        if re.search(pat, name, re.I):
+            return cat
+    return "other"
+
+
+def _engine(root: Path, shape: str, variant: str, util: float, profile_dir: Path | None = None):
+    from vllm import LLM
+
+    ckpt, quant, extra = VARIANTS[variant]
+    kw = dict(model=str(_dirs(root, shape)[ckpt]), quantization=quant, gpu_memory_utilization=util,
+              max_model_len=2048, enable_prefix_caching=False, seed=0)
+    if extra:
+        kw["additional_config"] = extra
+    if profile_dir is not None:
+        kw["profiler_config"] = {"profiler": "torch", "torch_profiler_dir": str(profile_dir),
+                                 "torch_profiler_with_stack": False}
+    return LLM(**kw)
+
+
+def _generate(llm, batch: int, input_len: int, output_len: int):
+    import numpy as np
+    from vllm import SamplingParams
+
+    sp = SamplingParams(n=1, temperature=1.0, top_p=1.0, ignore_eos=True, max_tokens=output_len)
+    ids = np.random.RandomState(batch).randint(10000, size=(batch, input_len)).tolist()
+    llm.generate([{"prompt_token_ids": p} for p in ids], sampling_params=sp, use_tqdm=False)
+
+
+def latency(args) -> dict:
+    from vllm_smoothquant.offline.harness import provenance
+
+    engines = {v: _engine(args.root, args.shape, v, args.util) for v in args.variants}
+    for llm in engines.values():  # warm-up: every batch size once
+        for b in args.batches:
+            _generate(llm, b, args.input_len, args.output_len)
+    runs: dict = {v: {str(b): [] for b in args.batches} for v in args.variants}
+    for r in range(args.repeats):
+        for b in args.batches:
+            for v, llm in engines.items():
+                t = time.perf_counter()
+                for _ in range(args.iters):
+                    _generate(llm, b, args.input_len, args.output_len)
+                runs[v][str(b)].append((time.perf_counter() - t) / args.iters)
+                print(f"repeat {r} batch {b:3d} {v:22s} {runs[v][str(b)][-1]:.4f} s", flush=True)
+    summary = {v: {b: {"mean_s": statistics.mean(x), "stdev_s": statistics.stdev(x) if len(x) > 1 else 0.0,
+                       "runs_s": x} for b, x in per.items()} for v, per in runs.items()}
+    return {**provenance(), "model": f"{args.shape} (random weights)", "measure": "LLM.generate latency "
+            f"(as vllm bench latency): {args.input_len} in / {args.output_len} out, mean of {args.iters} iters, "
+            f"{args.repeats} interleaved repeats, engines built once each at gpu_memory_utilization {args.util}",
+            "command": " ".join(sys.argv), "results": summary}
+
+
+def _kernel_times(trace: Path) -> tuple[dict, float, float, list]:
+    """{category: GPU microseconds}, busy microseconds (union of kernel intervals), window span (first kernel
+    start to last kernel end), the 25 kernels with the most time."""
+    with gzip.open(trace) if trace.suffix == ".gz" else open(trace) as f:
+        events = json.load(f)["traceEvents"]
+    kernels = [e for e in events if e.get("cat") == "kernel" and "dur" in e]
+    cats: dict = {}
+    for e in kernels:
+        cats[_category(e["name"])] = cats.get(_category(e["name"]), 0.0) + e["dur"]
+    spans = sorted((e["ts"], e["ts"] + e["dur"]) for e in kernels)
+    busy, end = 0.0, float("-inf")
+    for s, e in spans:
+        if e > end:
+            busy += e - max(s, end)
+            end = e
+    names: dict = {}
+    for e in kernels:
+        names[e["name"]] = names.get(e["name"], 0.0) + e["dur"]
+    top = sorted(names.items(), key=lambda kv: -kv[1])[:25]
+    return cats, busy, (spans[-1][1] - spans[0][0]) if spans else 0.0, top
+
+
+def profile(args) -> dict:
+    from vllm_smoothquant.offline.harness import provenance
+
+    out: dict = {}
+    for v in args.variants:
+        pdir = Path(args.profile_dir) / v
+        pdir.mkdir(parents=True, exist_ok=True)
+        llm = _engine(args.root, args.shape, v, args.util, pdir)
+        for b in args.batches:
+            _generate(llm, b, args.input_len, 8)  # warm-up
+            before = set(glob.glob(f"{pdir}/**/*.json*", recursive=True))
+            llm.start_profile(profile_prefix=f"{v}_b{b}")
+            _generate(llm, b, args.input_len, args.output_len)
+            llm.stop_profile()
+            time.sleep(2)
+            new = sorted(set(glob.glob(f"{pdir}/**/*.json*", recursive=True)) - before, key=os.path.getmtime)
+            if not new:
+                print(f"{v} b{b}: no trace written in {pdir}", flush=True)
+                continue
+            cats, busy, span, top = _kernel_times(Path(new[-1]))
+            total = sum(cats.values())
+            out.setdefault(v, {})[str(b)] = {
+                "kernel_us_total": total, "gpu_busy_us": busy, "window_us": span,
+                "share": {k: c / total for k, c in sorted(cats.items(), key=lambda kv: -kv[1])},
+                "gpu_idle_share_of_window": 1 - busy / span if span else None,
+                "top_kernels_us": top, "trace": new[-1],
+            }
+            print(f"{v} b{b}: " + ", ".join(f"{k} {c / total:.1%}" for k, c in cats.items()), flush=True)
+        del llm
+        gc.collect()
+    return {**provenance(), "model": f"{args.shape} (random weights)", "measure": "vLLM torch profiler over "
+            f"one generate call ({args.input_len} in / {args.output_len} out) per batch size; kernel time by "
+            "category (regexes in benchmarks/fused_bench.py)", "command": " ".join(sys.argv), "results": out}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("mode", choices=["latency", "profile"])
+    p.add_argument("--shape", required=True)
+    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--variants", nargs="+", default=["stock_w8a8", "smoothquant", "smoothquant_unfused"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--input-len", type=int, default=128)
+    p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--util", type=float, default=0.27, help="gpu_memory_utilization of each engine")
+    p.add_argument("--profile-dir", default="/tmp/sq-profile")
+    args = p.parse_args()
+    if args.mode == "profile" and args.output_len == 128:
+        args.output_len = 16  # decode steps in the window
+    result = latency(args) if args.mode == "latency" else profile(args)
+    args.out.write_text(json.dumps(result, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

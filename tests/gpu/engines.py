@@ -1,0 +1,33 @@
+"""One CUDA engine run -> tokens, logprobs, quant methods, fused linears (shared by the GPU tests)."""
+
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from vllm_smoothquant.offline import harness
+
+PROMPTS = 8
+PROMPT_LEN = 64
+NEW_TOKENS = 16
+
+
+def run_engine(model_dir, quantization, prompts, tp: int = 1, **engine_args) -> dict:
+    """Greedy tokens + prompt logprobs of ``prompts`` under vLLM's defaults (torch.compile, CUDA graphs), and
+    each linear's quant method and the linears whose input quant is fused into its producer."""
+    from vllm_smoothquant.linear_method import fused_linears, quant_methods
+
+    llm = harness.make_llm(str(model_dir), quantization, max_model_len=512, gpu_memory_utilization=0.25,
+                           tensor_parallel_size=tp, **engine_args)
+    outs = harness.greedy(llm, prompts, NEW_TOKENS, prompt_logprobs=True)
+    run = {
+        "tokens": [g.token_ids for g in outs],
+        "logprobs": torch.tensor([g.prompt_logprobs for g in outs]),
+        "methods": llm.apply_model(quant_methods)[0],
+        "fused": llm.apply_model(fused_linears)[0],
+    }
+    del llm
+    gc.collect()
+    torch.cuda.empty_cache()
+    return run
