@@ -1,9 +1,10 @@
-"""Fused activation quant (issue 11): decode latency of stock vLLM W8A8 vs SmoothQuant fused vs unfused, with
+"""Fused activation quant (issue 11): decode latency of stock vLLM W8A8 vs SmoothQuant with the quant fused vs not, with
 interleaved repeats in one process, and an engine-level kernel profile by category.
 
     python benchmarks/gpu_bench.py build --shape llama-3-8b --root R --tokenizer TOK --device cuda
     python benchmarks/fused_bench.py latency --shape llama-3-8b --root R --out lat.json
     python benchmarks/fused_bench.py profile --shape llama-3-8b --root R --out prof.json --variants fp16 smoothquant
+    python benchmarks/fused_bench.py report --latency-json lat.json --profile-json prof.json --out results/NAME.md
 
 `latency`: every variant's engine is built once (vLLM's defaults: torch.compile + CUDA graphs, each engine a share
 of the GPU) and the measurements rotate through them -- repeat r, batch size b, variant v -- so a drift of the
@@ -31,33 +32,36 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_bench import _dirs  # noqa: E402
 
-UNFUSED = {"smoothquant": {"fused_quant": False}}
+FUSED = {"smoothquant": {"fused_quant": ["norm", "act"]}}
 # variant -> (checkpoint variant in gpu_bench's build, quantization, additional_config)
 VARIANTS = {
     "fp16": ("fp16", None, None),
     "stock_w8a8": ("stock_w8a8", None, None),
-    "smoothquant": ("smoothquant", "smoothquant", None),  # fused quant: the default
-    "smoothquant_unfused": ("smoothquant", "smoothquant", UNFUSED),
+    "smoothquant": ("smoothquant", "smoothquant", None),  # the default: vLLM's quant kernel, as stock
+    "smoothquant_fused": ("smoothquant", "smoothquant", FUSED),  # quant fused into the norm / activation kernel
 }
 
-# kernel name -> category, first match wins (Inductor names its Triton kernels after the ops it fused)
-CATEGORIES = [
-    ("activation quant (vLLM kernel)", r"scaled_int8_quant|scaled_fp8_quant"),
-    ("GEMM", r"cutlass|gemm|nvjet|xmma|cublas|sm90_|sm80_|Kernel2"),
-    ("attention", r"flash|fmha|attn|attention|paged|reshape_and_cache"),
-    ("norm + quant (fused)", r"triton.*(rsqrt|layer_norm|var_mean).*(amax|round|abs)|"
-                             r"triton.*(amax|round|abs).*(rsqrt|layer_norm|var_mean)"),
-    ("norm", r"triton.*(rsqrt|layer_norm|var_mean)|rms_norm|layernorm"),
-    ("act fn + quant (fused)", r"triton.*(silu|sigmoid|relu|gelu).*(amax|round|abs)|"
-                               r"triton.*(amax|round|abs).*(silu|sigmoid|relu|gelu)"),
-    ("activation function", r"silu|sigmoid|relu|gelu|act_and_mul"),
-    ("activation quant (Triton)", r"triton.*(amax|round)"),
-    ("sampling", r"sampl|topk|top_k|sort|argmax|softmax|exponential|gumbel|log_softmax|penalt"),
+# kernel name -> category. Inductor names a Triton kernel after the ops it fused (and after ops whose output buffers
+# it allocates: stock's norm kernel is "..._dynamic_scaled_int8_quant_fused_add_rms_norm", no quant in it); the
+# quant in native torch shows as "amax" in the name.
+NORM, ACT = r"rms_norm|rsqrt|layer_norm|var_mean", r"silu|sigmoid|relu|gelu"
+KERNELS = [
+    ("activation quant (vLLM kernel)", r"scaled_int8_quant_kernel|scaled_fp8_quant|per_token_quant"),
+    ("attention", r"flash|fmha|attn|attention|paged|reshape_and_cache"),  # before GEMM: FlashAttention is CUTLASS
+    ("GEMM", r"cutlass_3x_gemm|gemm|nvjet|xmma|cublas|splitKreduce"),
+    ("sampling", r"sampl|topk|top_k|sort|argmax|softmax|exponential|gumbel|penalt"),
 ]
 
 
 def _category(name: str) -> str:
-    for cat, pat in CATEGORIES:
+    if name.startswith("triton"):
+        quant = "amax" in name
+        if re.search(NORM, name):
+            return "norm + int8 quant (fused)" if quant else "norm"
+        if re.search(ACT, name):
+            return "act fn + int8 quant (fused)" if quant else "activation function"
+        return "int8 quant (Triton, alone)" if quant else "other"
+    for cat, pat in KERNELS:
         if re.search(pat, name, re.I):
             return cat
     return "other"
@@ -167,13 +171,74 @@ def profile(args) -> dict:
             "category (regexes in benchmarks/fused_bench.py)", "command": " ".join(sys.argv), "results": out}
 
 
+def report(latency_json: Path, profile_json: Path, out: Path) -> str:
+    """Markdown tables (latency ratios, kernel time by category) and a PNG beside ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lat, prof = json.loads(latency_json.read_text()), json.loads(profile_json.read_text())
+    for per in prof["results"].values():  # categories from the kernel names (the rules may be newer than the run)
+        for r in per.values():
+            cats: dict = {}
+            for name, us in r["top_kernels_us"]:
+                cats[_category(name)] = cats.get(_category(name), 0.0) + us
+            cats["other"] = cats.get("other", 0.0) + r["kernel_us_total"] - sum(us for _, us in r["top_kernels_us"])
+            r["share"] = {k: v / r["kernel_us_total"] for k, v in cats.items()}
+    res, variants = lat["results"], list(lat["results"])
+    batches = list(res[variants[0]])
+    lines = ["| batch | " + " | ".join(f"{v} (s)" for v in variants) + " | " +
+             " | ".join(f"{v} / stock" for v in variants if v != "stock_w8a8") + " |",
+             "|---" * (1 + 2 * len(variants) - 1) + "|"]
+    for b in batches:
+        stock = res["stock_w8a8"][b]["mean_s"]
+        cells = [f"{res[v][b]['mean_s']:.4f} ± {res[v][b]['stdev_s']:.4f}" for v in variants]
+        ratios = [f"{stock / res[v][b]['mean_s']:.3f}x" for v in variants if v != "stock_w8a8"]
+        lines.append(f"| {b} | " + " | ".join(cells + ratios) + " |")
+    cats = sorted({c for per in prof["results"].values() for r in per.values() for c in r["share"]})
+    lines += ["", "| variant | batch | GPU kernel time (ms) | GPU idle in window | " + " | ".join(cats) + " |",
+              "|---" * (4 + len(cats)) + "|"]
+    for v, per in prof["results"].items():
+        for b, r in per.items():
+            lines.append(f"| {v} | {b} | {r['kernel_us_total'] / 1e3:.1f} | {r['gpu_idle_share_of_window']:.1%} | "
+                         + " | ".join(f"{r['share'].get(c, 0):.1%}" for c in cats) + " |")
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
+    w = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        a1.bar([j + i * w for j in range(len(batches))], [res[v][b]["mean_s"] for b in batches], w,
+               yerr=[res[v][b]["stdev_s"] for b in batches], label=v, capsize=3)
+    a1.set_xticks([j + w for j in range(len(batches))], [f"batch {b}" for b in batches])
+    a1.set_ylabel("latency, s (128 in / 128 out)")
+    a1.set_title(f"{lat['model']}, {lat['device']}: decode latency")
+    a1.legend(fontsize=8)
+    labels, bottoms = [], None
+    rows = [(f"{v}\nb{b}", r) for v, per in prof["results"].items() for b, r in per.items()]
+    bottoms = [0.0] * len(rows)
+    for c in cats:
+        vals = [r["kernel_us_total"] / 1e3 * r["share"].get(c, 0) for _, r in rows]
+        a2.bar(range(len(rows)), vals, 0.7, bottom=bottoms, label=c)
+        bottoms = [x + y for x, y in zip(bottoms, vals)]
+    a2.set_xticks(range(len(rows)), [n for n, _ in rows], fontsize=7)
+    a2.set_ylabel("GPU kernel time in the profiled window, ms")
+    a2.set_title("kernel time by category (vLLM torch profiler)")
+    a2.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    table = "\n".join(lines)
+    out.with_suffix(".md").write_text(table + "\n")
+    return table
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["latency", "profile"])
-    p.add_argument("--shape", required=True)
-    p.add_argument("--root", type=Path, required=True)
+    p.add_argument("mode", choices=["latency", "profile", "report"])
+    p.add_argument("--latency-json", type=Path, help="report: the latency JSON")
+    p.add_argument("--profile-json", type=Path, help="report: the profile JSON")
+    p.add_argument("--shape")
+    p.add_argument("--root", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--variants", nargs="+", default=["stock_w8a8", "smoothquant", "smoothquant_unfused"])
+    p.add_argument("--variants", nargs="+", default=["stock_w8a8", "smoothquant_fused", "smoothquant"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--iters", type=int, default=3)
@@ -182,6 +247,11 @@ def main() -> None:
     p.add_argument("--util", type=float, default=0.27, help="gpu_memory_utilization of each engine")
     p.add_argument("--profile-dir", default="/tmp/sq-profile")
     args = p.parse_args()
+    if args.mode == "report":
+        print(report(args.latency_json, args.profile_json, args.out))
+        return
+    if args.shape is None or args.root is None:
+        p.error("latency and profile need --shape and --root")
     if args.mode == "profile" and args.output_len == 128:
         args.output_len = 16  # decode steps in the window
     result = latency(args) if args.mode == "latency" else profile(args)

@@ -38,9 +38,9 @@ VARIANTS = {
     "fp16_kv8": ("fp16", ["--kv-cache-dtype", "fp8"]),
     "stock_w8a8": ("stock_w8a8", []),
     "smoothquant": ("smoothquant", ["--quantization", "smoothquant"]),
-    # the activation quant in vLLM's own CUDA kernel, as stock W8A8 runs it (the default fuses it into the norm)
-    "smoothquant_unfused": ("smoothquant", ["--quantization", "smoothquant", "--additional-config",
-                                            '{"smoothquant": {"fused_quant": false}}']),
+    # the activation quant fused into the norm / activation kernel by Inductor (off by default: fused_quant.py)
+    "smoothquant_fused": ("smoothquant", ["--quantization", "smoothquant", "--additional-config",
+                                          '{"smoothquant": {"fused_quant": ["norm", "act"]}}']),
     "smoothquant_kv16": ("smoothquant-kv8", ["--quantization", "smoothquant", "--kv-cache-dtype", "bfloat16"]),
     "smoothquant_kv8": ("smoothquant-kv8", ["--quantization", "smoothquant"]),
     "fp8_kv8": ("fp16", ["--quantization", "fp8", "--kv-cache-dtype", "fp8"]),

@@ -19,7 +19,8 @@ Two details keep Inductor's kernel on the same bits:
 
 Which linears take the fused path is the engine's choice, by the op that produces their input
 (``ROLES``): ``--additional-config '{"smoothquant": {"fused_quant": ["norm", "act"]}}'``, ``true`` for
-every role, ``false`` for none. It is part of vLLM's compile-cache key (``additional_config`` is hashed).
+every role, ``false`` for none (the default: ``DEFAULT_ROLES`` says why). It is part of vLLM's compile-cache
+key (``additional_config`` is hashed), so switching it never reuses a graph compiled the other way.
 """
 
 from __future__ import annotations
@@ -39,7 +40,11 @@ ROLES: Mapping[str, str] = {
     "o_proj": "attn_out", "out_proj": "attn_out", "dense": "attn_out",
 }
 ALL_ROLES = ("norm", "act", "attn_out")
-DEFAULT_ROLES = ("norm", "act")  # attn_out has no producer to fuse with: vLLM's CUDA quant kernel stays there
+# Off by default: on an H100 (Llama-3-8B shape, benchmarks/RESULTS.md) Inductor's fused kernels were not faster than
+# its norm / activation kernel + vLLM's quant kernel (act + quant: 6.4 vs 3.4 us per call at batch 1, a looped
+# reduction over one row in one thread block; norm + quant: even at batch 1, -10 % at batch 64), decode latency
+# 0.97x stock at batch 1, 1.00x at 8 and 64; and a fused LayerNorm (OPT) reduces in another order than the unfused one.
+DEFAULT_ROLES: tuple[str, ...] = ()
 OPTION = "fused_quant"  # key under additional_config["smoothquant"]
 
 

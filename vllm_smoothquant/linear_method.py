@@ -3,9 +3,9 @@
 Parameters use vLLM's parameter classes, so fused layers (qkv, gate_up) and tensor-parallel
 sharding go through vLLM's own ``weight_loader_v2``. The GEMM is vLLM's int8 kernel chosen
 by ``init_int8_linear_kernel``: ``scaled_int8_quant`` (per-token dynamic or static) +
-``cutlass_scaled_mm`` on CUDA, oneDNN on CPU. Under vLLM's compilation on CUDA, the linears after a
-norm or an activation function quantize their input in native torch instead, which Inductor fuses
-into the norm's / activation's kernel (``fused_quant.py``; same int8 values and scales).
+``cutlass_scaled_mm`` on CUDA, oneDNN on CPU. On request (``fused_quant.py``), under vLLM's compilation
+on CUDA, the linears after a norm or an activation function quantize their input in native torch
+instead, which Inductor fuses into the norm's / activation's kernel (same int8 values and scales).
 
 The loaders are wrapped with checks, so a checkpoint tensor that does not match the declared
 format (dtype, rank, columns, and rows: those vLLM's layer expects for the shard, before the

@@ -14,13 +14,14 @@ from vllm_smoothquant import fused_quant as fq
 @pytest.mark.parametrize(
     "additional, roles",
     [
-        (None, {"norm", "act"}),
-        ({}, {"norm", "act"}),
-        ({"smoothquant": {}}, {"norm", "act"}),
+        (None, set()),  # off by default
+        ({}, set()),
+        ({"smoothquant": {}}, set()),
         ({"smoothquant": {"fused_quant": True}}, {"norm", "act", "attn_out"}),
         ({"smoothquant": {"fused_quant": False}}, set()),
         ({"smoothquant": {"fused_quant": ["act"]}}, {"act"}),
-        ({"other_plugin": 1}, {"norm", "act"}),
+        ({"smoothquant": {"fused_quant": ["norm", "act"]}}, {"norm", "act"}),
+        ({"other_plugin": 1}, set()),
     ],
 )
 def test_roles_from_additional_config(additional, roles):
