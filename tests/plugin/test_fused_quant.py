@@ -1,6 +1,6 @@
 """The native-torch activation quant that Inductor fuses into the norm / activation before a linear: the option's
 validation, the layer roles, and int8 values and scales equal to vLLM's CUDA kernel's math (``tests/reference.py``),
-eager and compiled. The fused path's equality with vLLM's own kernel on CUDA is in ``tests/gpu/test_fused_quant.py``."""
+eager and compiled. The fused path's equality with vLLM's own kernel on CUDA is in ``tests/gpu/test_cuda_fused_quant.py``."""
 
 from __future__ import annotations
 
