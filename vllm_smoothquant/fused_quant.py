@@ -54,7 +54,9 @@ class FusedQuantConfigError(ValueError):
 
 def roles_from(additional_config: Mapping | None) -> frozenset[str]:
     """The roles whose linears quantize their input in native torch, from vLLM's ``additional_config``."""
-    section = (additional_config or {}).get("smoothquant", {})
+    if not isinstance(additional_config, Mapping):  # None, or another plugin's config object
+        return frozenset(DEFAULT_ROLES)
+    section = additional_config.get("smoothquant", {})
     if not isinstance(section, Mapping):
         raise FusedQuantConfigError(
             f'additional_config["smoothquant"] must be a JSON object, got {section!r}; e.g. '
