@@ -31,25 +31,9 @@ KINDS = {
 }
 
 
-class _Linear(reference.FakeQuantLinear):
-    """The reference fake-quant linear, with its input quantization switchable off."""
-
-    quantize_input = True
-
-    def forward(self, x):
-        if self.quantize_input:
-            return super().forward(x)
-        y = x.float() @ self.w.T
-        return (y if self.bias is None else y + self.bias).to(x.dtype)
-
-
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor) -> float:
-    nll = 0.0
-    for w in windows:
-        logits = model(w[None]).logits[0, :-1].float()
-        nll += torch.nn.functional.cross_entropy(logits, w[1:], reduction="sum").item()
-    return math.exp(nll / (windows.shape[0] * (windows.shape[1] - 1)))
+def perplexity(model, windows: list[list[int]]) -> float:
+    return math.exp(-torch.cat([reference.prompt_logprobs(model, w) for w in windows]).mean().item())
 
 
 def main() -> None:
@@ -67,11 +51,10 @@ def main() -> None:
     p.add_argument("--out", type=Path)
     a = p.parse_args()
 
-    windows = torch.tensor(token_windows(a.text, AutoTokenizer.from_pretrained(a.base), a.windows, a.seq_len))
+    windows = token_windows(a.text, AutoTokenizer.from_pretrained(a.base), a.windows, a.seq_len)
     fp = perplexity(AutoModelForCausalLM.from_pretrained(a.base, dtype=torch.float32).eval(), windows)
-    reference.FakeQuantLinear = _Linear  # load_fake_quant_model builds these
     model = reference.load_fake_quant_model(a.ckpt)
-    linears = {n: m for n, m in model.named_modules() if isinstance(m, _Linear)}
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, reference.FakeQuantLinear)}
 
     def row(unquantized: str, keep) -> dict:
         for n, m in linears.items():

@@ -44,6 +44,8 @@ def cuda_int8_quant(x: torch.Tensor, input_scale: torch.Tensor | None = None) ->
 
 
 class FakeQuantLinear(torch.nn.Module):
+    quantize_input = True  # False: the int8 weights alone (benchmarks/error_budget.py switches it per linear)
+
     def __init__(self, weight_q, weight_scale, bias, input_scale=None):
         super().__init__()
         self.w = weight_q.float() * weight_scale.float().reshape(-1, 1) if weight_scale.numel() > 1 else \
@@ -52,8 +54,9 @@ class FakeQuantLinear(torch.nn.Module):
         self.input_scale = input_scale
 
     def forward(self, x):
-        xf = x.float()
-        xq = fake_quant_per_token(xf) if self.input_scale is None else fake_quant_static(xf, self.input_scale.float())
+        xq = xf = x.float()
+        if self.quantize_input:
+            xq = fake_quant_per_token(xf) if self.input_scale is None else fake_quant_static(xf, self.input_scale.float())
         y = xq @ self.w.T
         return (y if self.bias is None else y + self.bias).to(x.dtype)
 
