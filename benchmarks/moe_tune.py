@@ -1,0 +1,120 @@
+"""Tune vLLM's Triton fused-MoE kernel configs for one MoE shape on this GPU: int8 W8A8 (per-token activations,
+per-channel weights: what the smoothquant MoE method runs) and 16-bit, so both are compared with tuned configs.
+
+    python benchmarks/moe_tune.py --experts 128 --inter 768 --hidden 2048 --topk 8 --out DIR
+    VLLM_TUNED_CONFIG_FOLDER=DIR vllm bench throughput ...      # vLLM reads the configs from there
+
+Writes vLLM's config files (``E=..,N=..,device_name=..[,dtype=int8_w8a8].json``: for each token count M, the
+fastest config of the grid) and ``tune-<device>.json`` (every M's best and vLLM's default config, microseconds).
+Random weights and routing (uniform over experts); each config timed with CUDA events over 20 calls after 3.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+MS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+def grid(dtype: str, M: int):
+    """Tiles around vLLM's defaults (int8: K tiles of 128/256 bytes, like fp8's); grouping only with many tokens."""
+    ks = (128, 256) if dtype == "int8_w8a8" else (64, 128)
+    bms = [bm for bm in (16, 32, 64, 128) if bm <= max(16, 4 * M)]
+    gms = (1, 16) if M >= 1024 else (1,)
+    for bm, bn, bk, gm, stages in itertools.product(bms, (64, 128), ks, gms, (3, 4)):
+        yield {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": gm, "SPLIT_K": 1,
+               "num_warps": 4 if bm <= 32 else 8, "num_stages": stages}
+
+
+def setup(E: int, N: int, K: int, dtype: str):
+    from vllm.model_executor.layers.fused_moe.config import FusedMoEQuantConfig
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    if dtype == "int8_w8a8":
+        w1 = torch.randint(-127, 128, (E, 2 * N, K), dtype=torch.int8, device="cuda", generator=g)
+        w2 = torch.randint(-127, 128, (E, K, N), dtype=torch.int8, device="cuda", generator=g)
+        s1 = torch.rand(E, 2 * N, 1, device="cuda", generator=g) * 1e-3
+        s2 = torch.rand(E, K, 1, device="cuda", generator=g) * 1e-3
+        qc = FusedMoEQuantConfig.make(torch.int8, w1_scale=s1, w2_scale=s2, per_act_token_quant=True,
+                                      per_out_ch_quant=True)
+    else:
+        w1 = torch.randn(E, 2 * N, K, device="cuda", generator=g).half() * 0.02
+        w2 = torch.randn(E, K, N, device="cuda", generator=g).half() * 0.02
+        qc = None
+    return w1, w2, qc
+
+
+def time_us(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1e3 / iters
+
+
+def tune(E: int, N: int, K: int, topk: int, dtype: str) -> dict:
+    from vllm.model_executor.layers.fused_moe import override_config
+    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts, get_default_config
+
+    w1, w2, qc = setup(E, N, K, dtype)
+    out = {}
+    for M in MS:
+        g = torch.Generator(device="cuda").manual_seed(M)
+        x = torch.randn(M, K, device="cuda", generator=g).half()
+        ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:topk] for _ in range(M)]).int()
+        wts = torch.softmax(torch.randn(M, topk, device="cuda", generator=g), -1)
+
+        def run(cfg):
+            with override_config(cfg):
+                return time_us(lambda: fused_experts(x, w1, w2, wts, ids, quant_config=qc))
+
+        default = get_default_config(M, E, N, K, topk, dtype if dtype != "fp16" else None)
+        results = []
+        for cfg in [default, *grid(dtype, M)]:
+            try:
+                results.append((run(cfg), cfg))
+            except Exception as e:  # a config the GPU cannot run (shared memory): skipped
+                print(f"  M={M} {cfg}: {type(e).__name__}", flush=True)
+        best = min(results, key=lambda r: r[0])
+        out[M] = {"best_us": best[0], "best": best[1], "default_us": results[0][0], "default": default}
+        print(f"{dtype} M={M}: default {results[0][0]:.1f} us, best {best[0]:.1f} us {best[1]}", flush=True)
+    return out
+
+
+def main() -> None:
+    from vllm.model_executor.layers.fused_moe.fused_moe import get_config_file_name
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", type=int, required=True)
+    p.add_argument("--inter", type=int, required=True, help="expert intermediate size (N)")
+    p.add_argument("--hidden", type=int, required=True)
+    p.add_argument("--topk", type=int, required=True)
+    p.add_argument("--dtypes", nargs="+", default=["int8_w8a8", "fp16"])
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    from vllm_smoothquant.offline.harness import provenance
+
+    record = {**provenance(), "shape": vars(a) | {"out": str(a.out)}, "results": {}}
+    for dtype in a.dtypes:
+        res = tune(a.experts, a.inter, a.hidden, a.topk, dtype)
+        record["results"][dtype] = res
+        name = get_config_file_name(a.experts, a.inter, None if dtype == "fp16" else dtype)
+        (a.out / name).write_text(json.dumps({str(m): r["best"] for m, r in res.items()}, indent=1))
+        print(f"wrote {a.out / name}", flush=True)
+    dev = torch.cuda.get_device_name().replace(" ", "_")
+    (a.out / f"tune-{dev}.json").write_text(json.dumps(record, indent=1))
+
+
+if __name__ == "__main__":
+    main()
