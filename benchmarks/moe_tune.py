@@ -62,13 +62,14 @@ def time_us(fn, iters: int = 20) -> float:
     return a.elapsed_time(b) * 1e3 / iters
 
 
-def tune(E: int, N: int, K: int, topk: int, dtype: str) -> dict:
+def tune(E: int, N: int, K: int, topk: int, dtype: str, ms: list[int], save) -> dict:
+    """Best config per M; ``save(results)`` after every M, so a run cut short keeps what it measured."""
     from vllm.model_executor.layers.fused_moe import override_config
     from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts, get_default_config
 
     w1, w2, qc = setup(E, N, K, dtype)
     out = {}
-    for M in MS:
+    for M in ms:
         g = torch.Generator(device="cuda").manual_seed(M)
         x = torch.randn(M, K, device="cuda", generator=g).half()
         ids = torch.stack([torch.randperm(E, device="cuda", generator=g)[:topk] for _ in range(M)]).int()
@@ -88,6 +89,7 @@ def tune(E: int, N: int, K: int, topk: int, dtype: str) -> dict:
         best = min(results, key=lambda r: r[0])
         out[M] = {"best_us": best[0], "best": best[1], "default_us": results[0][0], "default": default}
         print(f"{dtype} M={M}: default {results[0][0]:.1f} us, best {best[0]:.1f} us {best[1]}", flush=True)
+        save(out)
     return out
 
 
@@ -100,20 +102,27 @@ def main() -> None:
     p.add_argument("--hidden", type=int, required=True)
     p.add_argument("--topk", type=int, required=True)
     p.add_argument("--dtypes", nargs="+", default=["int8_w8a8", "fp16"])
+    p.add_argument("--ms", type=int, nargs="+", default=MS, help="token counts to tune for")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     from vllm_smoothquant.offline.harness import provenance
 
-    record = {**provenance(), "shape": vars(a) | {"out": str(a.out)}, "results": {}}
-    for dtype in a.dtypes:
-        res = tune(a.experts, a.inter, a.hidden, a.topk, dtype)
-        record["results"][dtype] = res
-        name = get_config_file_name(a.experts, a.inter, None if dtype == "fp16" else dtype)
-        (a.out / name).write_text(json.dumps({str(m): r["best"] for m, r in res.items()}, indent=1))
-        print(f"wrote {a.out / name}", flush=True)
     dev = torch.cuda.get_device_name().replace(" ", "_")
-    (a.out / f"tune-{dev}.json").write_text(json.dumps(record, indent=1))
+    record_file = a.out / f"tune-{dev}.json"
+    record = json.loads(record_file.read_text()) if record_file.exists() else {**provenance(), "results": {}}
+    record["shape"] = vars(a) | {"out": str(a.out)}
+
+    for dtype in a.dtypes:
+        name = get_config_file_name(a.experts, a.inter, None if dtype == "fp16" else dtype)
+
+        def save(res, dtype=dtype, name=name):
+            record["results"][dtype] = {str(m): r for m, r in res.items()}
+            (a.out / name).write_text(json.dumps({str(m): r["best"] for m, r in res.items()}, indent=1))
+            record_file.write_text(json.dumps(record, indent=1))
+
+        tune(a.experts, a.inter, a.hidden, a.topk, dtype, a.ms, save)
+        print(f"wrote {a.out / name}", flush=True)
 
 
 if __name__ == "__main__":

