@@ -67,6 +67,14 @@ SHAPES = {
         num_attention_heads=32, num_key_value_heads=4, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=False, architectures=["Qwen3MoeForCausalLM"],
     ),
+    # Mixtral-8x7B with 8 of its 32 decoder layers (11.9B parameters, 24 GB in 16 bits): 8 large experts
+    # (14336 x 4096), top-2 -- the MoE shape where int8 expert GEMMs are long, as in a dense model
+    "mixtral-8x7b-8l": dict(
+        cls="MixtralConfig", hidden_size=4096, num_hidden_layers=8, intermediate_size=14336, num_local_experts=8,
+        num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        architectures=["MixtralForCausalLM"],
+    ),
     # for testing this script on a CPU
     "tiny-qwen3-moe": dict(
         cls="Qwen3MoeConfig", hidden_size=64, num_hidden_layers=2, intermediate_size=128, moe_intermediate_size=32,
