@@ -20,6 +20,7 @@ from pathlib import Path
 
 SHIPPED = Path(__file__).with_name("moe_configs")
 DTYPE = "int8_w8a8"
+TILE_KEYS = frozenset({"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"})  # what every entry must set
 
 
 def folders() -> list[Path]:
@@ -36,6 +37,9 @@ def load_table(file_name: str, search: tuple[Path, ...]) -> dict[int, dict] | No
         if path.is_file():
             try:
                 table = {int(m): cfg for m, cfg in json.loads(path.read_text()).items()}
+                bad = [m for m, cfg in table.items() if not (isinstance(cfg, dict) and TILE_KEYS <= cfg.keys())]
+                if bad:
+                    raise ValueError(f"the entries for {bad} lack {sorted(TILE_KEYS)}")
             except (ValueError, AttributeError) as e:
                 raise ValueError(f"{path}: not a fused-MoE config file ({{token count: config}}): {e}; fix or "
                                  f"remove it (benchmarks/moe_tune.py writes valid ones)") from e

@@ -33,10 +33,11 @@ def test_the_shipped_h100_table_is_complete_kernel_configs():
 
 
 def test_the_users_tuned_folder_wins_over_the_shipped_files(tmp_path, monkeypatch):
-    (tmp_path / H100).write_text(json.dumps({"16": {"BLOCK_SIZE_M": 16}}))
+    entry = {"BLOCK_SIZE_M": 16, "BLOCK_SIZE_N": 64, "BLOCK_SIZE_K": 128}
+    (tmp_path / H100).write_text(json.dumps({"16": entry}))
     monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
     assert folders() == [tmp_path, SHIPPED]
-    assert load_table(H100, tuple(folders())) == {16: {"BLOCK_SIZE_M": 16}}
+    assert load_table(H100, tuple(folders())) == {16: entry}
     monkeypatch.delenv("VLLM_TUNED_CONFIG_FOLDER")
     assert folders() == [SHIPPED]
 
@@ -45,8 +46,9 @@ def test_no_file_for_the_shape_leaves_the_choice_to_vllm(tmp_path):
     assert load_table("E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3,dtype=int8_w8a8.json", (tmp_path, SHIPPED)) is None
 
 
-def test_a_malformed_file_is_an_error_naming_it(tmp_path):
-    (tmp_path / H100).write_text(json.dumps({"many": {}}))
+@pytest.mark.parametrize("content", [{"many": {}}, {"16": 5}, {"16": {"BLOCK_SIZE_M": 16}}])
+def test_a_malformed_file_is_an_error_naming_it(tmp_path, content):
+    (tmp_path / H100).write_text(json.dumps(content))
     with pytest.raises(ValueError, match=rf"{tmp_path / H100}: not a fused-MoE config file.*fix or remove it"):
         load_table(H100, (tmp_path,))
 
