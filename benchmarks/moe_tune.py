@@ -23,14 +23,37 @@ import torch
 MS = [1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
 
 
-def grid(dtype: str, M: int):
-    """Tiles around vLLM's defaults (int8: K tiles of 128/256 bytes, like fp8's); grouping only with many tokens."""
+SMEM_BYTES = 227 * 1024  # shared memory per block on Hopper; larger tiles fail to launch, so are not compiled
+
+
+def grid(dtype: str, M: int, N: int):
+    """Tiles around vLLM's defaults (int8: K tiles of 128/256 bytes, like fp8's); grouping only with many tokens;
+    256-wide N tiles for wide experts (N >= 4096, Mixtral's 14,336), where long GEMMs want big tiles."""
     ks = (128, 256) if dtype == "int8_w8a8" else (64, 128)
+    elem = 1 if dtype == "int8_w8a8" else 2
     bms = [bm for bm in (16, 32, 64, 128) if bm <= max(16, 4 * M)]
+    bns = (64, 128, 256) if N >= 4096 else (64, 128)
     gms = (1, 16) if M >= 1024 else (1,)
-    for bm, bn, bk, gm, stages in itertools.product(bms, (64, 128), ks, gms, (3, 4)):
+    for bm, bn, bk, gm, stages in itertools.product(bms, bns, ks, gms, (3, 4)):
+        if (bm + bn) * bk * elem * stages > SMEM_BYTES:
+            continue
         yield {"BLOCK_SIZE_M": bm, "BLOCK_SIZE_N": bn, "BLOCK_SIZE_K": bk, "GROUP_SIZE_M": gm, "SPLIT_K": 1,
                "num_warps": 4 if bm <= 32 else 8, "num_stages": stages}
+
+
+def shipped(E: int, N: int, M: int) -> list[dict]:
+    """vLLM's own tuned entries for this E, N on this GPU (16-bit and fp8 files), nearest M: fp8 is also one byte
+    wide, so its tuned tiles are a natural candidate for int8."""
+    from vllm.model_executor.layers.fused_moe.fused_moe import get_moe_configs
+
+    out = []
+    for d in (None, "fp8_w8a8"):
+        table = get_moe_configs(E, N, d)
+        if table:
+            cfg = dict(table[min(table, key=lambda m: abs(m - M))])
+            cfg.setdefault("SPLIT_K", 1)
+            out.append(cfg)
+    return out
 
 
 def setup(E: int, N: int, K: int, dtype: str):
@@ -83,7 +106,7 @@ def tune(E: int, N: int, K: int, topk: int, dtype: str, ms: list[int], save) -> 
 
         default = get_default_config(M, E, N, K, topk, dtype if dtype != "fp16" else None)
         results = []
-        for cfg in [default, *grid(dtype, M)]:
+        for cfg in [default, *shipped(E, N, M), *grid(dtype, M, N)]:
             try:
                 results.append((run(cfg), cfg))
             except Exception as e:  # a config the GPU cannot run (shared memory): skipped
