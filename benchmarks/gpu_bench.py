@@ -71,7 +71,7 @@ SHAPES = {
     # (14336 x 4096), top-2 -- the MoE shape where int8 expert GEMMs are long, as in a dense model
     "mixtral-8x7b-8l": dict(
         cls="MixtralConfig", hidden_size=4096, num_hidden_layers=8, intermediate_size=14336, num_local_experts=8,
-        num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8, vocab_size=32000,
+        num_experts_per_tok=2, num_attention_heads=32, num_key_value_heads=8, vocab_size=49152,
         max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
         architectures=["MixtralForCausalLM"],
     ),

@@ -127,21 +127,30 @@ def report(record_file: Path) -> None:
     import matplotlib.pyplot as plt
 
     rec = json.loads(record_file.read_text())
-    i8, f16 = rec["results"]["int8_w8a8"], rec["results"]["fp16"]
-    ms = sorted(set(map(int, i8)) & set(map(int, f16)))
-    print("| tokens M | int8 W8A8, vLLM's config (us) | int8, tuned (us) | 16-bit, vLLM's config (us) | 16-bit, tuned (us) "
-          "| int8 tuned vs vLLM's | int8 vs 16-bit (both tuned) |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
+    i8, f16 = rec["results"]["int8_w8a8"], rec["results"].get("fp16", {})  # a record may hold int8 alone
+    ms = sorted(set(map(int, i8)) & set(map(int, f16))) if f16 else sorted(map(int, i8))
+    cols = ["tokens M", "int8 W8A8, vLLM's config (us)", "int8, tuned (us)", "int8 tuned vs vLLM's"]
+    if f16:
+        cols[3:3] = ["16-bit, vLLM's config (us)", "16-bit, tuned (us)"]
+        cols.append("int8 vs 16-bit (both tuned)")
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---:|" * len(cols))
     for m in ms:
-        a, b = i8[str(m)], f16[str(m)]
-        print(f"| {m} | {a['default_us']:.0f} | {a['best_us']:.0f} | {b['default_us']:.0f} | {b['best_us']:.0f} "
-              f"| {a['default_us'] / a['best_us']:.2f}x | {b['best_us'] / a['best_us']:.2f}x |")
+        a = i8[str(m)]
+        cells = [str(m), f"{a['default_us']:.0f}", f"{a['best_us']:.0f}", f"{a['default_us'] / a['best_us']:.2f}x"]
+        if f16:
+            b = f16[str(m)]
+            cells[3:3] = [f"{b['default_us']:.0f}", f"{b['best_us']:.0f}"]
+            cells.append(f"{b['best_us'] / a['best_us']:.2f}x")
+        print("| " + " | ".join(cells) + " |")
     fig, ax = plt.subplots(figsize=(9, 4.2))
-    width, xs = 0.2, range(len(ms))
-    series = [("int8 W8A8, vLLM's config", i8, "default_us", "#9ecae1"), ("int8 W8A8, tuned", i8, "best_us", "#08519c"),
-              ("16-bit, vLLM's config", f16, "default_us", "#fdae6b"), ("16-bit, tuned", f16, "best_us", "#a63603")]
+    series = [("int8 W8A8, vLLM's config", i8, "default_us", "#9ecae1"), ("int8 W8A8, tuned", i8, "best_us", "#08519c")]
+    if f16:
+        series += [("16-bit, vLLM's config", f16, "default_us", "#fdae6b"), ("16-bit, tuned", f16, "best_us", "#a63603")]
+    width, xs = 0.8 / len(series), range(len(ms))
     for k, (label, res, key, color) in enumerate(series):
-        ax.bar([x + (k - 1.5) * width for x in xs], [res[str(m)][key] for m in ms], width, label=label, color=color)
+        ax.bar([x + (k - (len(series) - 1) / 2) * width for x in xs], [res[str(m)][key] for m in ms], width,
+               label=label, color=color)
     ax.set_xticks(list(xs), [str(m) for m in ms])
     ax.set_xlabel("tokens per call (M)")
     ax.set_ylabel("fused_experts time (us)")

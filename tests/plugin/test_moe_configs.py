@@ -25,9 +25,14 @@ def test_a_call_gets_the_entry_of_the_nearest_tuned_token_count():
     assert [pick(table, m) for m in (1, 32, 100, 200, 256, 4000, 5000, 65536)] == list("aaabbbcc")
 
 
-def test_the_shipped_h100_table_is_complete_kernel_configs():
-    table = load_table(H100, (SHIPPED,))
-    assert table and sorted(table) == [32, 128, 256, 512, 1024, 2048, 4096, 8192]
+MIXTRAL_H100 = "E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3,dtype=int8_w8a8.json"
+
+
+@pytest.mark.parametrize("name, tokens", [(H100, [32, 128, 256, 512, 1024, 2048, 4096, 8192]),
+                                          (MIXTRAL_H100, [16, 64, 256, 512, 1024, 2048, 4096, 8192])])
+def test_the_shipped_h100_tables_are_complete_kernel_configs(name, tokens):
+    table = load_table(name, (SHIPPED,))
+    assert table and sorted(table) == tokens
     for cfg in table.values():
         assert KEYS <= cfg.keys() and cfg["BLOCK_SIZE_K"] in (64, 128, 256)
 
@@ -43,7 +48,7 @@ def test_the_users_tuned_folder_wins_over_the_shipped_files(tmp_path, monkeypatc
 
 
 def test_no_file_for_the_shape_leaves_the_choice_to_vllm(tmp_path):
-    assert load_table("E=8,N=14336,device_name=NVIDIA_H100_80GB_HBM3,dtype=int8_w8a8.json", (tmp_path, SHIPPED)) is None
+    assert load_table("E=60,N=1408,device_name=NVIDIA_H100_80GB_HBM3,dtype=int8_w8a8.json", (tmp_path, SHIPPED)) is None
 
 
 @pytest.mark.parametrize("content", [{"many": {}}, {"16": 5}, {"16": {"BLOCK_SIZE_M": 16}}])
