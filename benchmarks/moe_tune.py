@@ -87,7 +87,7 @@ def time_us(fn, iters: int = 20) -> float:
     return a.elapsed_time(b) * 1e3 / iters
 
 
-def tune(E: int, N: int, K: int, topk: int, dtype: str, ms: list[int], save) -> dict:
+def tune(E: int, N: int, K: int, topk: int, dtype: str, ms: list[int], save, kernel: str = "vllm") -> dict:
     """Best config per M; ``save(results)`` after every M, so a run cut short keeps what it measured."""
     from vllm.model_executor.layers.fused_moe import override_config
     from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts, get_default_config
@@ -101,6 +101,12 @@ def tune(E: int, N: int, K: int, topk: int, dtype: str, ms: list[int], save) -> 
         wts = torch.softmax(torch.randn(M, topk, device="cuda", generator=g), -1)
 
         def run(cfg):
+            if kernel == "int32_acc":  # the plugin's int32-accumulating experts (vllm_smoothquant/moe_int8.py)
+                from vllm_smoothquant import moe_int8
+
+                return time_us(lambda: moe_int8.fused_experts(
+                    x, w1, w2, qc.w1_scale, qc.w2_scale, wts, ids, cfg, activation="silu",
+                    apply_router_weight_on_input=False, global_num_experts=E, expert_map=None))
             with override_config(cfg):
                 return time_us(lambda: fused_experts(x, w1, w2, wts, ids, quant_config=qc))
 
@@ -133,6 +139,9 @@ def report(record_file: Path) -> None:
     if f16:
         cols[3:3] = ["16-bit, vLLM's config (us)", "16-bit, tuned (us)"]
         cols.append("int8 vs 16-bit (both tuned)")
+    acc32 = rec["results"].get("int8_w8a8_int32_acc", {})  # moe_tune.py --kernel int32_acc
+    if acc32:
+        cols += ["int8, int32-accumulating kernel, tuned (us)", "int32-acc vs vLLM's int8 kernel (both tuned)"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---:|" * len(cols))
     for m in ms:
@@ -142,11 +151,18 @@ def report(record_file: Path) -> None:
             b = f16[str(m)]
             cells[3:3] = [f"{b['default_us']:.0f}", f"{b['best_us']:.0f}"]
             cells.append(f"{b['best_us'] / a['best_us']:.2f}x")
+        if acc32 and str(m) in acc32:
+            c = acc32[str(m)]
+            cells += [f"{c['best_us']:.0f}", f"{a['best_us'] / c['best_us']:.2f}x"]
+        elif acc32:
+            cells += ["—", "—"]
         print("| " + " | ".join(cells) + " |")
     fig, ax = plt.subplots(figsize=(9, 4.2))
     series = [("int8 W8A8, vLLM's config", i8, "default_us", "#9ecae1"), ("int8 W8A8, tuned", i8, "best_us", "#08519c")]
     if f16:
         series += [("16-bit, vLLM's config", f16, "default_us", "#fdae6b"), ("16-bit, tuned", f16, "best_us", "#a63603")]
+    if acc32 and all(str(m) in acc32 for m in ms):
+        series.append(("int8 W8A8, int32-accumulating kernel (moe_int8.py), tuned", acc32, "best_us", "#31a354"))
     width, xs = 0.8 / len(series), range(len(ms))
     for k, (label, res, key, color) in enumerate(series):
         ax.bar([x + (k - (len(series) - 1) / 2) * width for x in xs], [res[str(m)][key] for m in ms], width,
@@ -174,6 +190,9 @@ def main() -> None:
     p.add_argument("--hidden", type=int, required=True)
     p.add_argument("--topk", type=int, required=True)
     p.add_argument("--dtypes", nargs="+", default=["int8_w8a8", "fp16"])
+    p.add_argument("--kernel", choices=["vllm", "int32_acc"], default="vllm",
+                   help="int8 experts: vLLM's Triton kernel, or the plugin's int32-accumulating one (moe_int8.py); "
+                        "its results go under 'int8_w8a8_int32_acc' in the record, its config file into OUT/int32_acc")
     p.add_argument("--ms", type=int, nargs="+", default=MS, help="token counts to tune for")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
@@ -187,14 +206,18 @@ def main() -> None:
 
     for dtype in a.dtypes:
         name = get_config_file_name(a.experts, a.inter, None if dtype == "fp16" else dtype)
+        key, folder = dtype, a.out
+        if a.kernel == "int32_acc" and dtype == "int8_w8a8":  # same file name, its own folder and record key
+            key, folder = "int8_w8a8_int32_acc", a.out / "int32_acc"
+            folder.mkdir(exist_ok=True)
 
-        def save(res, dtype=dtype, name=name):
-            record["results"][dtype] = {str(m): r for m, r in res.items()}
-            (a.out / name).write_text(json.dumps({str(m): r["best"] for m, r in res.items()}, indent=1))
+        def save(res, key=key, name=name, folder=folder):
+            record["results"][key] = {str(m): r for m, r in res.items()}
+            (folder / name).write_text(json.dumps({str(m): r["best"] for m, r in res.items()}, indent=1))
             record_file.write_text(json.dumps(record, indent=1))
 
-        tune(a.experts, a.inter, a.hidden, a.topk, dtype, a.ms, save)
-        print(f"wrote {a.out / name}", flush=True)
+        tune(a.experts, a.inter, a.hidden, a.topk, dtype, a.ms, save, a.kernel)
+        print(f"wrote {folder / name}", flush=True)
 
 
 if __name__ == "__main__":

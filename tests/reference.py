@@ -208,3 +208,35 @@ def fake_quant_kv_cache(model, scales: dict[int, tuple[torch.Tensor, torch.Tenso
         yield model
     finally:
         config._attn_implementation = original
+
+
+def moe_align_block_size(topk_ids: torch.Tensor, block_m: int, num_experts: int, expert_map=None):
+    """vLLM's ``moe_align_block_size`` in torch: the (token, choice) pair ids grouped by expert, each expert's list
+    padded with ``topk_ids.numel()`` to a multiple of ``block_m``; the expert of every block (-1 where
+    ``expert_map`` says the expert lives on another rank); the padded length."""
+    flat, pad = topk_ids.flatten(), topk_ids.numel()
+    ids, experts = [], []
+    for e in range(num_experts):
+        mine = (flat == e).nonzero().flatten().tolist()
+        if not mine:
+            continue
+        blocks = -(-len(mine) // block_m)
+        ids += mine + [pad] * (blocks * block_m - len(mine))
+        experts += [e if expert_map is None else int(expert_map[e])] * blocks
+    return (torch.tensor(ids, dtype=torch.int32), torch.tensor(experts, dtype=torch.int32),
+            torch.tensor([len(ids)], dtype=torch.int32))
+
+
+def int8_moe_gemm(a_q, a_scale, w_q, w_scale, topk_ids, topk_weights=None, a_rows_per_pair: int = 1):
+    """Every routed pair's int8 GEMM, exact in int64, dequantized in fp32 in vLLM's order:
+    ``(sum_k a_q * w_q) * a_scale * w_scale (* router weight)``; (tokens, top_k, N) fp32."""
+    tokens, top_k = topk_ids.shape
+    out = torch.zeros(tokens, top_k, w_q.shape[1])
+    for t in range(tokens):
+        for j in range(top_k):
+            row = t if a_rows_per_pair == 1 else t * top_k + j
+            e = int(topk_ids[t, j])
+            acc = (a_q[row].long() @ w_q[e].long().T).float()
+            o = acc * a_scale[row, 0] * w_scale[e, :, 0]
+            out[t, j] = o * topk_weights[t, j] if topk_weights is not None else o
+    return out

@@ -19,13 +19,13 @@ Two details keep Inductor's kernel on the same bits:
 
 Which linears take the fused path is the engine's choice, by the op that produces their input
 (``ROLES``): ``--additional-config '{"smoothquant": {"fused_quant": ["norm", "act"]}}'``, ``true`` for
-every role, ``false`` for none (the default: ``DEFAULT_ROLES`` says why). It is part of vLLM's compile-cache
-key (``additional_config`` is hashed), so switching it never reuses a graph compiled the other way.
+every role, ``false`` for none (the default: see ``ALL_ROLES``), parsed with the plugin's other options in
+``engine_options.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -40,44 +40,11 @@ ROLES: Mapping[str, str] = {
     "o_proj": "attn_out", "out_proj": "attn_out", "dense": "attn_out",
 }
 ALL_ROLES = ("norm", "act", "attn_out")
-# Off by default: on an H100 (Llama-3-8B shape, benchmarks/RESULTS.md) Inductor's fused kernels were not faster than
-# its norm / activation kernel + vLLM's quant kernel (act + quant: 6.4 vs 3.4 us per call at batch 1, a looped
-# reduction over one row in one thread block; norm + quant: even at batch 1, -10 % at batch 64), decode latency
-# 0.97x stock at batch 1, 1.00x at 8 and 64; and a fused LayerNorm (OPT) reduces in another order than the unfused one.
-DEFAULT_ROLES: tuple[str, ...] = ()
-OPTION = "fused_quant"  # key under additional_config["smoothquant"]
-
-
-class FusedQuantConfigError(ValueError):
-    """``additional_config["smoothquant"]["fused_quant"]`` is not a value this plugin knows."""
-
-
-def roles_from(additional_config: Mapping | None) -> frozenset[str]:
-    """The roles whose linears quantize their input in native torch, from vLLM's ``additional_config``."""
-    if not isinstance(additional_config, Mapping):  # None, or another plugin's config object
-        return frozenset(DEFAULT_ROLES)
-    section = additional_config.get("smoothquant", {})
-    if not isinstance(section, Mapping):
-        raise FusedQuantConfigError(
-            f'additional_config["smoothquant"] must be a JSON object, got {section!r}; e.g. '
-            f'--additional-config \'{{"smoothquant": {{"{OPTION}": false}}}}\'.'
-        )
-    unknown = set(section) - {OPTION}
-    if unknown:
-        raise FusedQuantConfigError(
-            f'additional_config["smoothquant"] has unknown key(s) {sorted(unknown)}; the only key is "{OPTION}".'
-        )
-    value = section.get(OPTION, list(DEFAULT_ROLES))
-    if value is True:
-        return frozenset(ALL_ROLES)
-    if value is False or value is None:
-        return frozenset()
-    if isinstance(value, str) or not isinstance(value, Iterable) or not set(value) <= set(ALL_ROLES):
-        raise FusedQuantConfigError(
-            f'additional_config["smoothquant"]["{OPTION}"] = {value!r}: use true, false, or a list of roles '
-            f"from {list(ALL_ROLES)} (default {list(DEFAULT_ROLES)})."
-        )
-    return frozenset(value)
+# Off by default (engine_options.py): on an H100 (Llama-3-8B shape, benchmarks/RESULTS.md) Inductor's fused kernels
+# were not faster than its norm / activation kernel + vLLM's quant kernel (act + quant: 6.4 vs 3.4 us per call at
+# batch 1, a looped reduction over one row in one thread block; norm + quant: even at batch 1, -10 % at batch 64),
+# decode latency 0.97x stock at batch 1, 1.00x at 8 and 64; and a fused LayerNorm (OPT) reduces in another order
+# than the unfused one.
 
 
 def role_of(prefix: str) -> str | None:
@@ -90,8 +57,10 @@ def engine_fuses() -> frozenset[str]:
     from vllm.config import CompilationMode, get_current_vllm_config_or_none
     from vllm.platforms import current_platform
 
+    from .engine_options import EngineOptions
+
     cfg = get_current_vllm_config_or_none()
-    roles = roles_from(getattr(cfg, "additional_config", None))  # validated on every platform
+    roles = EngineOptions.parse(getattr(cfg, "additional_config", None)).fused_quant  # validated on every platform
     if cfg is None or not current_platform.is_cuda():
         return frozenset()
     cc = cfg.compilation_config

