@@ -39,6 +39,7 @@ def gemm_kernel():
         stride_am, stride_ak, stride_be, stride_bk, stride_bn, stride_cm, stride_cn, stride_asm, stride_bse, stride_bsn,
         BLOCK_SIZE_M: tl.constexpr, BLOCK_SIZE_N: tl.constexpr, BLOCK_SIZE_K: tl.constexpr,
         GROUP_SIZE_M: tl.constexpr, MUL_ROUTED_WEIGHT: tl.constexpr, top_k: tl.constexpr, compute_type: tl.constexpr,
+        FP32_STEPS: tl.constexpr = False,  # vLLM's accumulation (each step converted, added in fp32): A/B only
     ):
         # grouped order of the (M block, N block) tiles, for L2 reuse of the weight tiles
         pid = tl.program_id(axis=0)
@@ -67,12 +68,15 @@ def gemm_kernel():
         offs_k = tl.arange(0, BLOCK_SIZE_K)
         a_ptrs = a_ptr + (offs_token[:, None] // top_k) * stride_am + offs_k[None, :] * stride_ak
         b_ptrs = b_ptr + expert * stride_be + offs_k[:, None] * stride_bk + offs_bn[None, :] * stride_bn
-        acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_SIZE_M, BLOCK_SIZE_N), dtype=tl.float32 if FP32_STEPS else tl.int32)
         for k in range(0, (K + BLOCK_SIZE_K - 1) // BLOCK_SIZE_K):
             k_left = K - k * BLOCK_SIZE_K
             a = tl.load(a_ptrs, mask=token_mask[:, None] & (offs_k[None, :] < k_left), other=0)
             b = tl.load(b_ptrs, mask=offs_k[:, None] < k_left, other=0)
-            acc = tl.dot(a, b, acc=acc)  # int8 x int8 -> int32, accumulated in the MMA
+            if FP32_STEPS:
+                acc += tl.dot(a, b)
+            else:
+                acc = tl.dot(a, b, acc=acc)  # int8 x int8 -> int32, accumulated in the MMA
             a_ptrs += BLOCK_SIZE_K * stride_ak
             b_ptrs += BLOCK_SIZE_K * stride_bk
         a_scale = tl.load(a_scale_ptr + (offs_token // top_k) * stride_asm, mask=token_mask, other=0.0)
@@ -86,7 +90,7 @@ def gemm_kernel():
 
 
 def grouped_gemm(a_q, a_scale, w_q, w_scale, out, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded,
-                 *, mul_routed_weight: bool, top_k: int, config: dict) -> None:
+                 *, mul_routed_weight: bool, top_k: int, config: dict, fp32_steps: bool = False) -> None:
     """``out[t, j, :] = dequant(a_q[t] @ w_q[expert of (t, j)].T)`` for every routed pair, into ``out`` (M, top_k, N).
 
     ``a_q`` int8 (rows, K) with per-row fp32 ``a_scale`` (rows, 1); ``w_q`` int8 (E, N, K) with per-channel fp32
@@ -109,7 +113,7 @@ def grouped_gemm(a_q, a_scale, w_q, w_scale, out, topk_weights, sorted_token_ids
         a_q.stride(0), a_q.stride(1), w_q.stride(0), w_q.stride(2), w_q.stride(1), out.stride(1), out.stride(2),
         a_scale.stride(0), w_scale.stride(0), w_scale.stride(1),
         BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=config["BLOCK_SIZE_K"], GROUP_SIZE_M=config.get("GROUP_SIZE_M", 1),
-        MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k, compute_type=compute,
+        MUL_ROUTED_WEIGHT=mul_routed_weight, top_k=top_k, compute_type=compute, FP32_STEPS=fp32_steps,
         num_warps=config.get("num_warps", 4), num_stages=config.get("num_stages", 3),
     )
 

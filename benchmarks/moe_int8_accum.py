@@ -1,0 +1,90 @@
+"""A/B of the int8 expert GEMM's accumulation on a GPU, with torch + Triton only (no vLLM needed): the plugin's kernel
+(``vllm_smoothquant/moe_int8.py``, int32 accumulator in the MMA) against the same kernel accumulating as vLLM's int8
+path does (each K step's int32 dot converted and added to fp32: ``fp32_steps=True``). Same inputs, tiles, routing.
+
+    python benchmarks/moe_int8_accum.py --out FILE.json     # Mixtral-8x7B's gate/up GEMM: E=8, 2N=28672, K=4096, top-2
+
+Random int8 weights and activations, uniform routing; each (M, tile config, kernel) timed with CUDA events over 20
+calls after 3; both kernels' outputs compared (equal where the fp32 running sum is exact).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from reference import moe_align_block_size  # noqa: E402
+
+from vllm_smoothquant import moe_int8  # noqa: E402  (imports no vLLM)
+
+TILES = [dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=gm, num_warps=w, num_stages=st)
+         for bm, bn, bk, gm, w, st in [(128, 128, 256, 16, 8, 3), (128, 128, 128, 16, 8, 3), (128, 256, 128, 16, 8, 4),
+                                       (64, 128, 256, 1, 8, 3), (64, 128, 128, 1, 4, 4)]]
+
+
+def time_us(fn, iters=20):
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) * 1e3 / iters
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", type=int, default=8)
+    p.add_argument("--n", type=int, default=28672, help="output rows of the expert GEMM (gate/up: 2 x intermediate)")
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--topk", type=int, default=2)
+    p.add_argument("--ms", type=int, nargs="+", default=[8192, 256])
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args()
+    g = torch.Generator(device="cuda").manual_seed(0)
+    w = torch.randint(-127, 128, (a.experts, a.n, a.k), dtype=torch.int8, device="cuda", generator=g)
+    ws = torch.rand(a.experts, a.n, 1, device="cuda", generator=g) * 1e-3
+    rec = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
+           "shape": vars(a) | {"out": str(a.out)}, "iters": "20 after 3, CUDA events", "rows": []}
+    import triton
+
+    rec["triton"] = triton.__version__
+    for m in a.ms:
+        x = torch.randint(-128, 128, (m, a.k), dtype=torch.int8, device="cuda", generator=g)
+        xs = torch.rand(m, 1, device="cuda", generator=g) * 1e-2
+        ids = torch.stack([torch.randperm(a.experts, device="cuda", generator=g)[:a.topk] for _ in range(m)]).int()
+        wts = torch.softmax(torch.randn(m, a.topk, device="cuda", generator=g), -1)
+        for tile in TILES:
+            align = [t.cuda() for t in moe_align_block_size(ids.cpu(), tile["BLOCK_SIZE_M"], a.experts)]
+            outs, row = {}, {"M": m, "tile": tile}
+            for name, fp32 in (("int32_acc", False), ("fp32_steps", True)):
+                out = torch.empty(m, a.topk, a.n, dtype=torch.bfloat16, device="cuda")
+
+                def run():
+                    moe_int8.grouped_gemm(x, xs, w, ws, out, wts, *align, mul_routed_weight=False, top_k=a.topk,
+                                          config=tile, fp32_steps=fp32)
+                try:
+                    row[f"{name}_us"] = time_us(run)
+                    outs[name] = out.clone()
+                except Exception as e:  # a tile this GPU cannot run
+                    row[f"{name}_error"] = f"{type(e).__name__}: {str(e)[:120]}"
+            if len(outs) == 2:
+                row["outputs_equal"] = bool(torch.equal(outs["int32_acc"], outs["fp32_steps"]))
+                row["speedup"] = row["fp32_steps_us"] / row["int32_acc_us"]
+            rec["rows"].append(row)
+            print(json.dumps(row), flush=True)
+            a.out.write_text(json.dumps(rec, indent=1))
+
+
+if __name__ == "__main__":
+    main()
