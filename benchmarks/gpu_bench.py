@@ -41,6 +41,9 @@ VARIANTS = {
     # the activation quant fused into the norm / activation kernel by Inductor (off by default: fused_quant.py)
     "smoothquant_fused": ("smoothquant", ["--quantization", "smoothquant", "--additional-config",
                                           '{"smoothquant": {"fused_quant": ["norm", "act"]}}']),
+    # the int8 experts through the plugin's int32-accumulating kernel (moe_int8.py; off by default)
+    "smoothquant_int32acc": ("smoothquant", ["--quantization", "smoothquant", "--additional-config",
+                                             '{"smoothquant": {"moe_kernel": "int32_acc"}}']),
     "smoothquant_kv16": ("smoothquant-kv8", ["--quantization", "smoothquant", "--kv-cache-dtype", "bfloat16"]),
     "smoothquant_kv8": ("smoothquant-kv8", ["--quantization", "smoothquant"]),
     "fp8_kv8": ("fp16", ["--quantization", "fp8", "--kv-cache-dtype", "fp8"]),

@@ -23,10 +23,13 @@ DTYPE = "int8_w8a8"
 TILE_KEYS = frozenset({"BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K"})  # what every entry must set
 
 
-def folders() -> list[Path]:
-    """Where int8 config files are looked for, in order."""
+def folders(kernel: str = "vllm") -> list[Path]:
+    """Where int8 config files are looked for, in order. The int32-accumulating kernel (``moe_int8.py``) prefers
+    tiles of its own (a ``int32_acc/`` subfolder: it runs 256-wide N tiles that vLLM's kernel runs slowly) and
+    falls back to the tables tuned for vLLM's kernel."""
     user = os.environ.get("VLLM_TUNED_CONFIG_FOLDER")
-    return ([Path(user)] if user else []) + [SHIPPED]
+    base = ([Path(user)] if user else []) + [SHIPPED]
+    return ([f / kernel for f in base] if kernel != "vllm" else []) + base
 
 
 @functools.lru_cache(maxsize=None)
@@ -50,11 +53,12 @@ def load_table(file_name: str, search: tuple[Path, ...]) -> dict[int, dict] | No
     return None
 
 
-def int8_table(num_experts: int, intermediate: int) -> dict[int, dict] | None:
-    """The tuned table for this expert shape on this GPU (vLLM's file name for ``dtype=int8_w8a8``), or None."""
+def int8_table(num_experts: int, intermediate: int, kernel: str = "vllm") -> dict[int, dict] | None:
+    """The tuned table for this expert shape on this GPU (vLLM's file name for ``dtype=int8_w8a8``) and kernel
+    (``engine_options.MOE_KERNELS``), or None."""
     from vllm.model_executor.layers.fused_moe.fused_moe import get_config_file_name
 
-    return load_table(get_config_file_name(num_experts, intermediate, DTYPE), tuple(folders()))
+    return load_table(get_config_file_name(num_experts, intermediate, DTYPE), tuple(folders(kernel)))
 
 
 def pick(table: dict[int, dict], tokens: int) -> dict:

@@ -3,15 +3,18 @@
 vLLM's Triton fused-MoE kernel, on its int8 W8A8 path, adds every K step's int32 dot product to an fp32 accumulator
 (``accumulator += tl.dot(a, b)`` in ``fused_moe.py``, vLLM 0.26 and 0.32): a conversion of the whole tile per step,
 and an MMA that cannot chain its accumulation, where the fp8 path writes ``tl.dot(a, b, acc=accumulator)``. On the
-H100 that leaves int8 experts at 0.91x FP8 on a Mixtral-8x7B shape (benchmarks/RESULTS.md). This kernel is the same
+H100 that leaves int8 experts at 0.91x FP8 on a Mixtral-8x7B shape, and makes 256-wide N tiles 2-3x slower; with
+the accumulator in the MMA those tiles run 1.32-1.38x faster than vLLM's way at its best tile on Mixtral's gate/up
+GEMM from 2,048 tokens (benchmarks/RESULTS.md, ``benchmarks/moe_int8_accum.py``). This kernel is the same
 design (tokens sorted by expert in BLOCK_SIZE_M blocks, one expert's weights per block, grouped tile order) with the
 accumulator an int32 MMA operand, scaled once at the end:
 
     C[t, n] = (sum_k A_q[t, k] * W_q[e, n, k]) * a_scale[t] * w_scale[e, n]    (* the router weight, in fp32)
 
 The sum is exact: |sum| <= 128 * 127 * K < 2**31 for K <= MAX_K. The epilogue multiplies in vLLM's order, so where
-vLLM's fp32 running sum is exact too (every partial sum below 2**24) the outputs are bit-identical to vLLM's
-(``tests/gpu/test_cuda_moe_int8.py``). Everything around the GEMM is vLLM's: per-token activation quant
+vLLM's fp32 running sum is exact too (every partial sum below 2**24) the outputs should equal vLLM's bit for bit:
+the A/B with vLLM's accumulation (``fp32_steps``) gave equal outputs in every cell on the H100; the check against
+vLLM's own ``fused_experts`` is ``tests/gpu/test_cuda_moe_int8.py`` (not yet run on a GPU). Everything around the GEMM is vLLM's: per-token activation quant
 (``moe_kernel_quantize_input``), routing alignment (``moe_align_block_size``), the activation and ``moe_sum``.
 Chosen with ``--additional-config '{"smoothquant": {"moe_kernel": "int32_acc"}}'`` (``engine_options.py``).
 """
@@ -76,7 +79,7 @@ def gemm_kernel():
             if FP32_STEPS:
                 acc += tl.dot(a, b)
             else:
-                acc = tl.dot(a, b, acc=acc)  # int8 x int8 -> int32, accumulated in the MMA
+                acc = tl.dot(a, b, acc=acc, out_dtype=tl.int32)  # int8 x int8 -> int32, accumulated in the MMA
             a_ptrs += BLOCK_SIZE_K * stride_ak
             b_ptrs += BLOCK_SIZE_K * stride_bk
         a_scale = tl.load(a_scale_ptr + (offs_token // top_k) * stride_asm, mask=token_mask, other=0.0)

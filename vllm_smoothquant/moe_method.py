@@ -117,11 +117,12 @@ def _make_classes():
             self.check_loaded(layer)
             super().process_weights_after_loading(layer)
             triton = getattr(self.int8_backend, "value", None) == "TRITON"
+            self.int32_acc = self.runs_int32_acc(layer, triton)
             if triton:
                 from .moe_configs import int8_table
 
-                self.kernel_configs = int8_table(layer.w13_weight.shape[0], layer.w2_weight.shape[2])
-            self.int32_acc = self.runs_int32_acc(layer, triton)
+                self.kernel_configs = int8_table(layer.w13_weight.shape[0], layer.w2_weight.shape[2],
+                                                 "int32_acc" if self.int32_acc else "vllm")
 
         def runs_int32_acc(self, layer, triton: bool) -> bool:
             """Whether this layer's experts run ``moe_int8.py``: asked for (``moe_kernel``), on CUDA's Triton

@@ -47,6 +47,14 @@ def test_the_users_tuned_folder_wins_over_the_shipped_files(tmp_path, monkeypatc
     assert folders() == [SHIPPED]
 
 
+def test_the_int32_kernel_reads_its_own_tiles_first_then_vllms_kernels(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_TUNED_CONFIG_FOLDER", str(tmp_path))
+    assert folders("int32_acc") == [tmp_path / "int32_acc", SHIPPED / "int32_acc", tmp_path, SHIPPED]
+    own, vllms = load_table(MIXTRAL_H100, tuple(folders("int32_acc"))), load_table(MIXTRAL_H100, (SHIPPED,))
+    assert own != vllms and own[8192]["BLOCK_SIZE_N"] == 256  # the wide tile only it runs fast (RESULTS.md)
+    assert load_table(H100, tuple(folders("int32_acc"))) == load_table(H100, (SHIPPED,))  # no own file: vLLM's
+
+
 def test_no_file_for_the_shape_leaves_the_choice_to_vllm(tmp_path):
     assert load_table("E=60,N=1408,device_name=NVIDIA_H100_80GB_HBM3,dtype=int8_w8a8.json", (tmp_path, SHIPPED)) is None
 
