@@ -21,6 +21,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+from moe_tune import time_us  # noqa: E402  (this folder: CUDA-event timing, 20 calls after 3)
 from reference import moe_align_block_size  # noqa: E402
 
 from vllm_smoothquant import moe_int8  # noqa: E402  (imports no vLLM)
@@ -31,19 +32,6 @@ TILES = [dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=bn, BLOCK_SIZE_K=bk, GROUP_SIZE_M=gm
 WIDE = [dict(BLOCK_SIZE_M=bm, BLOCK_SIZE_N=256, BLOCK_SIZE_K=bk, GROUP_SIZE_M=gm, num_warps=8, num_stages=st)
         for bm, bk, gm, st in [(128, 128, 1, 4), (128, 128, 64, 4), (128, 128, 16, 3), (128, 64, 16, 4), (64, 128, 16, 4),
                                (64, 128, 1, 4)]]
-
-
-def time_us(fn, iters=20):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    for _ in range(iters):
-        fn()
-    b.record()
-    torch.cuda.synchronize()
-    return a.elapsed_time(b) * 1e3 / iters
 
 
 def report(record_file: Path) -> None:
