@@ -41,19 +41,18 @@ def grid(dtype: str, M: int, N: int):
                "num_warps": 4 if bm <= 32 else 8, "num_stages": stages}
 
 
-def shipped(E: int, N: int, M: int) -> list[dict]:
-    """vLLM's own tuned entries for this E, N on this GPU (16-bit and fp8 files), nearest M: fp8 is also one byte
-    wide, so its tuned tiles are a natural candidate for int8."""
+def shipped(E: int, N: int, M: int, dtype: str, kernel: str = "vllm") -> list[dict]:
+    """Tuned entries that already exist for this E, N on this GPU, nearest M: vLLM's own (16-bit and fp8 files: fp8
+    is also one byte wide, so its tiles are a natural candidate for int8) and, for int8, the plugin's table for
+    ``kernel`` (``vllm_smoothquant/moe_configs``)."""
     from vllm.model_executor.layers.fused_moe.fused_moe import get_moe_configs
 
-    out = []
-    for d in (None, "fp8_w8a8"):
-        table = get_moe_configs(E, N, d)
-        if table:
-            cfg = dict(table[min(table, key=lambda m: abs(m - M))])
-            cfg.setdefault("SPLIT_K", 1)
-            out.append(cfg)
-    return out
+    from vllm_smoothquant.moe_configs import int8_table, pick
+
+    tables = [get_moe_configs(E, N, d) for d in (None, "fp8_w8a8")]
+    if dtype == "int8_w8a8":
+        tables.append(int8_table(E, N, kernel))
+    return [{"SPLIT_K": 1, **pick(t, M)} for t in tables if t]
 
 
 def setup(E: int, N: int, K: int, dtype: str):
@@ -87,7 +86,8 @@ def time_us(fn, iters: int = 20) -> float:
     return a.elapsed_time(b) * 1e3 / iters
 
 
-def tune(E: int, N: int, K: int, topk: int, dtype: str, ms: list[int], save, kernel: str = "vllm") -> dict:
+def tune(E: int, N: int, K: int, topk: int, dtype: str, ms: list[int], save, kernel: str = "vllm",
+         quick: bool = False) -> dict:
     """Best config per M; ``save(results)`` after every M, so a run cut short keeps what it measured."""
     from vllm.model_executor.layers.fused_moe import override_config
     from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts, get_default_config
@@ -112,7 +112,7 @@ def tune(E: int, N: int, K: int, topk: int, dtype: str, ms: list[int], save, ker
 
         default = get_default_config(M, E, N, K, topk, dtype if dtype != "fp16" else None)
         results = []
-        for cfg in [default, *shipped(E, N, M), *grid(dtype, M, N)]:
+        for cfg in [default, *shipped(E, N, M, dtype, kernel), *([] if quick else grid(dtype, M, N))]:
             try:
                 results.append((run(cfg), cfg))
             except Exception as e:  # a config the GPU cannot run (shared memory): skipped
@@ -194,6 +194,8 @@ def main() -> None:
                    help="int8 experts: vLLM's Triton kernel, or the plugin's int32-accumulating one (moe_int8.py); "
                         "its results go under 'int8_w8a8_int32_acc' in the record, its config file into OUT/int32_acc")
     p.add_argument("--ms", type=int, nargs="+", default=MS, help="token counts to tune for")
+    p.add_argument("--quick", action="store_true",
+                   help="time vLLM's choice and vLLM's own tuned entries only, no grid (seconds instead of minutes)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
@@ -216,7 +218,7 @@ def main() -> None:
             (folder / name).write_text(json.dumps({str(m): r["best"] for m, r in res.items()}, indent=1))
             record_file.write_text(json.dumps(record, indent=1))
 
-        tune(a.experts, a.inter, a.hidden, a.topk, dtype, a.ms, save, a.kernel)
+        tune(a.experts, a.inter, a.hidden, a.topk, dtype, a.ms, save, a.kernel, a.quick)
         print(f"wrote {folder / name}", flush=True)
 
 
