@@ -6,7 +6,7 @@
     # 2. run vLLM's tools on each variant; one JSON row per run is appended to --rows
     python benchmarks/gpu_bench.py run --shape opt-13b --root /tmp/ckpt --suite throughput --rows rows.jsonl
     # 3. pivot the rows into benchmarks/results/<device>-<date>.json, RESULTS.md table and a PNG
-    python benchmarks/gpu_bench.py report rows.jsonl
+    python benchmarks/gpu_bench.py report rows.jsonl [--name STEM]
 
 Suites: throughput (1000 prompts, 1024 in / 128 out), throughput-512 (512 in / 256 out),
 latency (batch 1, 8, 64; 128 in / 128 out), serve (vllm serve + vllm bench serve at a few rates).
@@ -286,6 +286,7 @@ def main(argv=None):
     r.add_argument("extra", nargs="*", help="extra engine args after --, e.g. -- --max-model-len 2048")
     rp = sub.add_parser("report")
     rp.add_argument("rows", type=Path, nargs="+")
+    rp.add_argument("--name", help="results file stem (default <device>-<date>)")
     a = p.parse_args(argv)
     if a.cmd == "build":
         build(a.shape, a.root, a.tokenizer, a.device, a.fp16_only)
@@ -295,7 +296,7 @@ def main(argv=None):
     else:
         from report import report  # benchmarks/report.py
 
-        report(a.rows)
+        report(a.rows, a.name)
 
 
 if __name__ == "__main__":

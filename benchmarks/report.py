@@ -18,13 +18,15 @@ from vllm_smoothquant.offline.harness import PROVENANCE_KEYS
 
 HERE = Path(__file__).resolve().parent
 # gpu_bench.py's variants, in table order; "_kv8" = fp8 e4m3 KV cache, "_kv16" = 16-bit KV cache forced
-VARIANTS = ("fp16", "fp16_kv8", "stock_w8a8", "smoothquant", "smoothquant_kv16", "smoothquant_kv8", "fp8", "fp8_kv8")
+VARIANTS = ("fp16", "fp16_kv8", "stock_w8a8", "smoothquant", "smoothquant_int32acc", "smoothquant_kv16", "smoothquant_kv8",
+            "fp8", "fp8_kv8")
 LABELS = {"fp16": "FP16", "fp16_kv8": "FP16 + fp8 KV", "stock_w8a8": "stock W8A8", "smoothquant": "SmoothQuant",
+          "smoothquant_int32acc": "SmoothQuant, int32-acc experts",
           "smoothquant_kv16": "SmoothQuant, 16-bit KV", "smoothquant_kv8": "SmoothQuant + fp8 KV",
           "fp8": "FP8", "fp8_kv8": "FP8 + fp8 KV"}
 # ratio columns (a, b): a's speed over b's, where both ran
-RATIOS = (("smoothquant", "fp16"), ("smoothquant", "stock_w8a8"), ("smoothquant", "fp8"), ("smoothquant_kv8", "fp16"),
-          ("smoothquant_kv8", "fp8_kv8"))
+RATIOS = (("smoothquant", "fp16"), ("smoothquant", "stock_w8a8"), ("smoothquant", "fp8"), ("smoothquant_int32acc", "fp16"),
+          ("smoothquant_int32acc", "smoothquant"), ("smoothquant_kv8", "fp16"), ("smoothquant_kv8", "fp8_kv8"))
 METRIC = {"vllm bench throughput": "tok_s", "vllm bench latency": "latency_s", "vllm bench serve": "output_tok_s"}
 EXTRA = ("latency_p50_s", "output_tok_s", "kv_cache_tokens", "model_load_gib", "mean_ttft_ms", "mean_tpot_ms",
          "attention_backend", "flash_attention_version", "kv_cache_dtype_arg", "kv_cache_fp8")
@@ -113,11 +115,12 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def report(paths: list[Path]) -> Path:
+def report(paths: list[Path], name: str | None = None) -> Path:
+    """``name``: the results file stem (default ``<device>-<date>``), e.g. for one model's rows of one machine."""
     rows = [json.loads(line) for p in paths for line in Path(p).read_text().splitlines() if line.strip()]
     table = pivot(rows)
     device = re.sub(r"[^A-Za-z0-9]+", "-", table[0]["device"]).strip("-").lower()
-    stem = HERE / "results" / f"{device}-{table[0]['date']}"
+    stem = HERE / "results" / (name or f"{device}-{table[0]['date']}")
     stem.with_suffix(".json").write_text(json.dumps(table, indent=2))
     stem.with_suffix(".md").write_text(markdown(table) + "\n")
     plot(table, stem.with_suffix(".png"))
