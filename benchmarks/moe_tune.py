@@ -101,7 +101,7 @@ def tune(E: int, N: int, K: int, topk: int, dtype: str, ms: list[int], save, ker
         wts = torch.softmax(torch.randn(M, topk, device="cuda", generator=g), -1)
 
         def run(cfg):
-            if kernel == "int32_acc":  # the plugin's int32-accumulating experts (vllm_smoothquant/moe_int8.py)
+            if kernel == "int32_acc" and dtype == "int8_w8a8":  # the plugin's int32 experts (moe_int8.py)
                 from vllm_smoothquant import moe_int8
 
                 return time_us(lambda: moe_int8.fused_experts(
@@ -116,7 +116,9 @@ def tune(E: int, N: int, K: int, topk: int, dtype: str, ms: list[int], save, ker
             try:
                 results.append((run(cfg), cfg))
             except Exception as e:  # a config the GPU cannot run (shared memory): skipped
-                print(f"  M={M} {cfg}: {type(e).__name__}", flush=True)
+                print(f"  M={M} {cfg}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+        if not results:
+            raise SystemExit(f"{dtype} M={M}: no config ran (see the errors above)")
         best = min(results, key=lambda r: r[0])
         out[M] = {"best_us": best[0], "best": best[1], "default_us": results[0][0], "default": default}
         print(f"{dtype} M={M}: default {results[0][0]:.1f} us, best {best[0]:.1f} us {best[1]}", flush=True)

@@ -25,7 +25,7 @@ import functools
 
 import torch
 
-MAX_K = (2**31 - 1) // (128 * 127)  # longest reduction an int32 accumulator holds exactly (133,144)
+MAX_K = (2**31 - 1) // (128 * 127)  # longest reduction an int32 accumulator holds exactly (132,104)
 
 
 @functools.cache
@@ -131,6 +131,7 @@ def fused_experts(x, w13, w2, w13_scale, w2_scale, topk_weights, topk_ids, confi
 
     tokens, hidden = x.shape
     top_k, n2 = topk_ids.shape[1], w13.shape[1]
+    global_num_experts = w13.shape[0] if global_num_experts == -1 else global_num_experts  # vLLM's convention
     act = MoEActivation.from_str(activation) if isinstance(activation, str) else activation
     n = n2 // 2 if act.is_gated else n2
 

@@ -132,7 +132,7 @@ def _make_classes():
             if engine_options.current().moe_kernel != "int32_acc":
                 return False
             longest = max(layer.w13_weight.shape[2], layer.w2_weight.shape[2])
-            why = ("it runs on CUDA's Triton backend" if not triton else
+            why = ("it runs on CUDA's Triton MoE backend only" if not triton else
                    f"{self.prefix} reduces over {longest} > {MAX_K}" if longest > MAX_K else
                    f"{self.prefix} has an expert bias" if getattr(layer, "w13_bias", None) is not None else None)
             if why:
