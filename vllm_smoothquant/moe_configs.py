@@ -3,7 +3,8 @@
 vLLM looks its fused-MoE kernel configs up by a file name that carries the quantization (``E=..,N=..,
 device_name=..,dtype=fp8_w8a8.json``), but vLLM 0.26 never names ``dtype=int8_w8a8``: int8 W8A8 experts get the
 16-bit configs (``_get_config_dtype_str`` has no int8 W8A8 case), whose K tiles are sized for 2-byte inputs. On the
-H100 the tuned int8 configs make the Qwen3-30B-A3B expert GEMMs 1.1-1.8x faster than those (benchmarks/RESULTS.md).
+H100 the tuned int8 configs make the expert GEMMs 1.1-1.8x faster than those (Qwen3-30B-A3B and Mixtral-8x7B shapes,
+benchmarks/RESULTS.md).
 
 So the plugin finds the int8 file itself: ``$VLLM_TUNED_CONFIG_FOLDER`` first (vLLM's own variable: a user's tuned
 configs win), then the files shipped in ``moe_configs/`` (written by ``benchmarks/moe_tune.py``). The SmoothQuant

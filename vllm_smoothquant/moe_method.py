@@ -70,13 +70,18 @@ def check_moe_format(fmt: SmoothQuantFormat, prefix: str) -> None:
 
 def _make_classes():
     """The method classes, built on first use: importing this module imports no vLLM MoE code."""
+    from vllm.model_executor.layers.fused_moe import override_config
     from vllm.model_executor.layers.fused_moe.config import int8_w8a8_moe_quant_config
+    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts, try_get_optimal_moe_config
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
         CompressedTensorsMoEMethod,
     )
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe.compressed_tensors_moe_w8a8_int8 import (  # noqa: E501
         CompressedTensorsW8A8Int8MoEMethod,
     )
+
+    from . import moe_int8
+    from .moe_configs import int8_table, pick
 
     class SmoothQuantMoEMethod(CompressedTensorsW8A8Int8MoEMethod):
         """vLLM's int8 MoE method with the quant config pinned to W8A8 per-token dynamic (see module doc)."""
@@ -119,21 +124,17 @@ def _make_classes():
             triton = getattr(self.int8_backend, "value", None) == "TRITON"
             self.int32_acc = self.runs_int32_acc(layer, triton)
             if triton:
-                from .moe_configs import int8_table
-
                 self.kernel_configs = int8_table(layer.w13_weight.shape[0], layer.w2_weight.shape[2],
                                                  "int32_acc" if self.int32_acc else "vllm")
 
         def runs_int32_acc(self, layer, triton: bool) -> bool:
             """Whether this layer's experts run ``moe_int8.py``: asked for (``moe_kernel``), on CUDA's Triton
             backend, with reductions an int32 holds exactly and no expert bias; a warning says why not."""
-            from .moe_int8 import MAX_K
-
             if engine_options.current().moe_kernel != "int32_acc":
                 return False
             longest = max(layer.w13_weight.shape[2], layer.w2_weight.shape[2])
             why = ("it runs on CUDA's Triton MoE backend only" if not triton else
-                   f"{self.prefix} reduces over {longest} > {MAX_K}" if longest > MAX_K else
+                   f"{self.prefix} reduces over {longest} > {moe_int8.MAX_K}" if longest > moe_int8.MAX_K else
                    f"{self.prefix} has an expert bias" if getattr(layer, "w13_bias", None) is not None else None)
             if why:
                 engine_logger(__name__).warning_once(
@@ -154,26 +155,19 @@ def _make_classes():
             if getattr(self.int8_backend, "value", None) != "TRITON":
                 return super().apply(layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)
             # vLLM's Triton int8 W8A8 experts through its functional entry point, which quantizes the 16-bit
-            # input per token itself (see module doc: vLLM 0.26's modular TritonExperts rejects int8 inputs)
-            from vllm.model_executor.layers.fused_moe import override_config
-            from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts
-
-            from .moe_configs import pick
-
-            configs = self.kernel_configs
+            # input per token itself (see module doc: vLLM 0.26's modular TritonExperts rejects int8 inputs), or
+            # the plugin's int32-accumulating experts; the tile config of the call's token count where tuned
+            tokens = x.shape[0]
+            config = pick(self.kernel_configs, tokens) if self.kernel_configs else None
             if self.int32_acc:
-                from vllm.model_executor.layers.fused_moe.fused_moe import try_get_optimal_moe_config
-
-                from . import moe_int8
-
-                config = pick(configs, x.shape[0]) if configs else try_get_optimal_moe_config(
-                    layer.w13_weight.size(), layer.w2_weight.size(), topk_ids.shape[1], None, x.shape[0])
+                config = config or try_get_optimal_moe_config(layer.w13_weight.size(), layer.w2_weight.size(),
+                                                              topk_ids.shape[1], None, tokens)
                 return moe_int8.fused_experts(
                     x, layer.w13_weight, layer.w2_weight, layer.w13_weight_scale, layer.w2_weight_scale, topk_weights,
                     topk_ids, config, activation=layer.activation,
                     apply_router_weight_on_input=layer.apply_router_weight_on_input,
                     global_num_experts=layer.global_num_experts, expert_map=layer.expert_map)
-            with override_config(pick(configs, x.shape[0])) if configs else nullcontext():
+            with override_config(config) if config else nullcontext():
                 return fused_experts(x, layer.w13_weight, layer.w2_weight, topk_weights, topk_ids,
                                      activation=layer.activation,
                                      apply_router_weight_on_input=layer.apply_router_weight_on_input,
