@@ -41,9 +41,12 @@ VARIANTS = {
     # the activation quant fused into the norm / activation kernel by Inductor (off by default: fused_quant.py)
     "smoothquant_fused": ("smoothquant", ["--quantization", "smoothquant", "--additional-config",
                                           '{"smoothquant": {"fused_quant": ["norm", "act"]}}']),
-    # the int8 experts through the plugin's int32-accumulating kernel (moe_int8.py; off by default)
+    # the int8 experts through the plugin's int32-accumulating kernel (moe_int8.py; the CUDA default since
+    # 2026-11-23 session 10, asked for explicitly here), or through vLLM's int8 fused-MoE kernel
     "smoothquant_int32acc": ("smoothquant", ["--quantization", "smoothquant", "--additional-config",
                                              '{"smoothquant": {"moe_kernel": "int32_acc"}}']),
+    "smoothquant_vllmmoe": ("smoothquant", ["--quantization", "smoothquant", "--additional-config",
+                                            '{"smoothquant": {"moe_kernel": "vllm"}}']),
     "smoothquant_kv16": ("smoothquant-kv8", ["--quantization", "smoothquant", "--kv-cache-dtype", "bfloat16"]),
     "smoothquant_kv8": ("smoothquant-kv8", ["--quantization", "smoothquant"]),
     "fp8_kv8": ("fp16", ["--quantization", "fp8", "--kv-cache-dtype", "fp8"]),

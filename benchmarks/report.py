@@ -18,38 +18,44 @@ from vllm_smoothquant.offline.harness import PROVENANCE_KEYS
 
 HERE = Path(__file__).resolve().parent
 # gpu_bench.py's variants, in table order; "_kv8" = fp8 e4m3 KV cache, "_kv16" = 16-bit KV cache forced
-VARIANTS = ("fp16", "fp16_kv8", "stock_w8a8", "smoothquant", "smoothquant_int32acc", "smoothquant_kv16", "smoothquant_kv8",
-            "fp8", "fp8_kv8")
+VARIANTS = ("fp16", "fp16_kv8", "stock_w8a8", "smoothquant", "smoothquant_int32acc", "smoothquant_vllmmoe",
+            "smoothquant_kv16", "smoothquant_kv8", "fp8", "fp8_kv8")
 LABELS = {"fp16": "FP16", "fp16_kv8": "FP16 + fp8 KV", "stock_w8a8": "stock W8A8", "smoothquant": "SmoothQuant",
-          "smoothquant_int32acc": "SmoothQuant, int32-acc experts",
+          "smoothquant_int32acc": "SmoothQuant, int32-acc experts", "smoothquant_vllmmoe": "SmoothQuant, vLLM's experts kernel",
           "smoothquant_kv16": "SmoothQuant, 16-bit KV", "smoothquant_kv8": "SmoothQuant + fp8 KV",
           "fp8": "FP8", "fp8_kv8": "FP8 + fp8 KV"}
 # ratio columns (a, b): a's speed over b's, where both ran
 RATIOS = (("smoothquant", "fp16"), ("smoothquant", "stock_w8a8"), ("smoothquant", "fp8"), ("smoothquant_int32acc", "fp16"),
-          ("smoothquant_int32acc", "smoothquant"), ("smoothquant_kv8", "fp16"), ("smoothquant_kv8", "fp8_kv8"))
+          ("smoothquant_int32acc", "smoothquant"), ("smoothquant_vllmmoe", "fp16"),
+          ("smoothquant_int32acc", "smoothquant_vllmmoe"), ("smoothquant_kv8", "fp16"), ("smoothquant_kv8", "fp8_kv8"))
 METRIC = {"vllm bench throughput": "tok_s", "vllm bench latency": "latency_s", "vllm bench serve": "output_tok_s"}
 EXTRA = ("latency_p50_s", "output_tok_s", "kv_cache_tokens", "model_load_gib", "mean_ttft_ms", "mean_tpot_ms",
          "attention_backend", "flash_attention_version", "kv_cache_dtype_arg", "kv_cache_fp8")
 
 
 def pivot(rows: list[dict]) -> list[dict]:
-    groups: dict[tuple, dict] = defaultdict(dict)
+    """One row per (device, vLLM, model, tool, workload), the variants side by side. A variant run more than once
+    (repeats) gets the mean as its number, ``<variant>_<metric>_runs`` (every run, in order) and ``<variant>_runs``."""
+    groups: dict[tuple, dict] = defaultdict(lambda: defaultdict(list))
     for r in rows:
-        groups[(r["device"], r["vllm"], r["model"], r["tool"], r["workload"])][r["variant"]] = r
+        groups[(r["device"], r["vllm"], r["model"], r["tool"], r["workload"])][r["variant"]].append(r)
     out = []
     for (device, vllm, model, tool, workload), by_variant in groups.items():
         metric = METRIC[tool]
-        first = next(iter(by_variant.values()))
+        first = next(iter(by_variant.values()))[0]
         row = {k: first[k] for k in PROVENANCE_KEYS if k in first}  # where and with what it ran (gpu_bench rows)
         row |= {"device": device, "vllm": vllm, "model": model, "tool": tool, "workload": workload,
                 "date": first["date"], "metric": metric}
         for v in VARIANTS:
             if v in by_variant:
-                row[f"{v}_{metric}"] = by_variant[v][metric]
+                runs, last = by_variant[v], by_variant[v][-1]
+                row[f"{v}_{metric}"] = sum(r[metric] for r in runs) / len(runs)
+                if len(runs) > 1:
+                    row[f"{v}_{metric}_runs"], row[f"{v}_runs"] = [r[metric] for r in runs], len(runs)
                 for k in EXTRA:
-                    if k != metric and k in by_variant[v]:
-                        row[f"{v}_{k}"] = by_variant[v][k]
-                row[f"{v}_command"] = by_variant[v]["command"]
+                    if k != metric and k in last:
+                        row[f"{v}_{k}"] = last[k]
+                row[f"{v}_command"] = last["command"]
         out.append(row)
     batch = lambda r: int(m.group(1)) if (m := re.search(r"batch (\d+)", r["workload"])) else 0
     return sorted(out, key=lambda r: (r["tool"], batch(r)))
@@ -73,8 +79,10 @@ def markdown(rows: list[dict]) -> str:
              "|---|---|---|---|" + "---:|" * (len(variants) + len(ratios))]
     for r in rows:
         m = r["metric"]
-        cell = lambda v: f"{r[f'{v}_{m}']:,.3f}" if m == "latency_s" and f"{v}_{m}" in r else (
-            f"{r[f'{v}_{m}']:,.0f}" if f"{v}_{m}" in r else "not run")
+        num = lambda x: f"{x:,.3f}" if m == "latency_s" else f"{x:,.0f}"
+        spread = lambda v: (f" (mean of {len(runs)}: {num(min(runs))}–{num(max(runs))})"
+                            if (runs := r.get(f"{v}_{m}_runs")) else "")
+        cell = lambda v: num(r[f"{v}_{m}"]) + spread(v) if f"{v}_{m}" in r else "not run"
         ratio = lambda a, b: f"{x:.2f}x" if (x := _ratio(r, a, b)) else "-"
         lines.append(f"| {r['model']} | {r['tool']} | {r['workload']} | {m} | " + " | ".join(cell(v) for v in variants)
                      + "".join(f" | {ratio(a, b)}" for a, b in ratios) + " |")
@@ -99,9 +107,12 @@ def plot(rows: list[dict], path: Path) -> None:
                 continue
             speed = val / base if r["metric"] != "latency_s" else base / val
             y = i + (j - (len(variants) - 1) / 2) * width
-            ax.barh(y, speed, height=width * 0.9, color=cmap(j), label=LABELS[v] if v not in shown else None)
+            runs = [x / base if r["metric"] != "latency_s" else base / x for x in r.get(f"{v}_{r['metric']}_runs", [])]
+            err = [[speed - min(runs)], [max(runs) - speed]] if runs else None  # repeats: the range of the runs
+            ax.barh(y, speed, height=width * 0.9, color=cmap(j), label=LABELS[v] if v not in shown else None,
+                    xerr=err, capsize=3 if runs else 0)
             shown.add(v)
-            ax.text(speed, y, f" {speed:.2f}x", va="center", fontsize=7)
+            ax.text(max([speed, *runs]), y, f" {speed:.2f}x", va="center", fontsize=7)
         labels.append(f"{r['model'].removesuffix(' (random weights)')}\n{r['tool'].split()[-1]}: {r['workload']}")
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.axvline(1.0, color="black", lw=0.5)

@@ -2,8 +2,9 @@
 
     fused_quant   which producers quantize a linear's input inside their own kernel (``fused_quant.py``):
                   true, false, or a list of roles from ``fused_quant.ALL_ROLES``; default none
-    moe_kernel    the kernel of the int8 experts on CUDA: "vllm" (vLLM's Triton fused-MoE kernel, the default) or
-                  "int32_acc" (``moe_int8.py``: the same kernel design accumulating in int32 inside the MMA)
+    moe_kernel    the kernel of the int8 experts on CUDA: "auto" (the default: "int32_acc" where it can run, else
+                  vLLM's), "int32_acc" (``moe_int8.py``: vLLM's kernel design accumulating in int32 inside the MMA;
+                  a warning where it cannot run) or "vllm" (vLLM's Triton fused-MoE kernel)
 
 ``additional_config`` is part of vLLM's compile-cache key, so switching an option never reuses a graph built the
 other way. Anything that is not a mapping (None, or another plugin's config object) means the defaults.
@@ -15,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 SECTION = "smoothquant"  # key of this plugin's section in additional_config
-MOE_KERNELS = ("vllm", "int32_acc")
+MOE_KERNELS = ("auto", "int32_acc", "vllm")
 EXAMPLE = '--additional-config \'{"smoothquant": {"moe_kernel": "int32_acc", "fused_quant": ["norm", "act"]}}\''
 
 
@@ -26,7 +27,7 @@ class EngineOptionsError(ValueError):
 @dataclass(frozen=True)
 class EngineOptions:
     fused_quant: frozenset[str] = frozenset()
-    moe_kernel: str = "vllm"
+    moe_kernel: str = "auto"
 
     @classmethod
     def parse(cls, additional_config: Mapping | object | None) -> EngineOptions:

