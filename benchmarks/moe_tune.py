@@ -197,7 +197,8 @@ def main() -> None:
                         "its results go under 'int8_w8a8_int32_acc' in the record, its config file into OUT/int32_acc")
     p.add_argument("--ms", type=int, nargs="+", default=MS, help="token counts to tune for")
     p.add_argument("--quick", action="store_true",
-                   help="time vLLM's choice and vLLM's own tuned entries only, no grid (seconds instead of minutes)")
+                   help="time vLLM's choice and the tuned entries that exist (vLLM's 16-bit and fp8 files, the "
+                        "plugin's int8 table), no grid (seconds instead of minutes)")
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)

@@ -13,10 +13,11 @@ accumulator an int32 MMA operand, scaled once at the end:
 
 The sum is exact: |sum| <= 128 * 127 * K < 2**31 for K <= MAX_K. The epilogue multiplies in vLLM's order, so where
 vLLM's fp32 running sum is exact too (every partial sum below 2**24) the outputs should equal vLLM's bit for bit:
-the A/B with vLLM's accumulation (``fp32_steps``) gave equal outputs in every cell on the H100; the check against
-vLLM's own ``fused_experts`` is ``tests/gpu/test_cuda_moe_int8.py`` (not yet run on a GPU). Everything around the GEMM is vLLM's: per-token activation quant
-(``moe_kernel_quantize_input``), routing alignment (``moe_align_block_size``), the activation and ``moe_sum``.
-Chosen with ``--additional-config '{"smoothquant": {"moe_kernel": "int32_acc"}}'`` (``engine_options.py``).
+the A/B with vLLM's accumulation (``fp32_steps``) gave equal outputs in every cell on the H100, and the whole
+experts layer equals vLLM's own ``fused_experts`` there (``tests/gpu/test_cuda_moe_int8.py``, passed on an H100).
+Everything around the GEMM is vLLM's: per-token activation quant (``moe_kernel_quantize_input``), routing alignment
+(``moe_align_block_size``), the activation and ``moe_sum``. The CUDA default for SmoothQuant experts
+(``moe_kernel`` "auto" in ``engine_options.py``; "vllm" keeps vLLM's kernel).
 """
 
 from __future__ import annotations
