@@ -9,6 +9,9 @@ layer), and::
 
     err(alpha) = sum || layer_W8A8(x) - layer_fp(x) ||^2 / sum || layer_fp(x) ||^2
 
+With ``--rotate`` the rotated linears are simulated rotated (weights ``W R`` rounded, inputs ``x R`` quantized), so
+the α of the group feeding one (up -> down) is chosen with the rotation in place; a static rotated input takes
+its unrotated absmax as the scale's stand-in during the search (its real scale is calibrated after rotation).
 The candidate is then undone exactly. Cost: len(GRID) layer forwards on the probe per group. With
 ``--weight-rounding gptq`` the search still simulates round-to-nearest weights (GPTQ per candidate is too slow).
 
@@ -34,6 +37,7 @@ from torch import nn
 from vllm_smoothquant.format import ActivationScheme
 
 from .quantization import fake_quant_activations, quantize_weight
+from .rotation import rotate_weight, rotated
 from .streaming import quantized_activations, run_layer
 
 GRID = tuple(round(0.05 * i, 2) for i in range(21))  # 0.0, 0.05, ..., 1.0
@@ -88,16 +92,19 @@ class BlockProbe:
 
 @contextmanager
 def simulated_w8a8(linears: dict[str, nn.Linear], schemes: dict[str, ActivationScheme],
-                   input_absmax: dict[str, torch.Tensor], weight_strategy: str):
+                   input_absmax: dict[str, torch.Tensor], weight_strategy: str, rotations: dict[str, int] | None = None):
     """While active, every linear computes as the int8 checkpoint will: its weight int8 round-to-nearest
     quantize-dequantized as ``pipeline.quantize_layer`` stores it, its input through ``quantized_activations``
-    (static scales from ``input_absmax``). The original weight tensors come back on exit, untouched."""
+    (static scales from ``input_absmax``); a linear in ``rotations`` (name -> Hadamard block) rotated first.
+    The original weight tensors come back on exit, untouched."""
+    rotations = rotations or {}
     originals = {n: lin.weight.data for n, lin in linears.items()}
     try:
-        for lin in linears.values():
-            q, scale = quantize_weight(lin.weight, weight_strategy)
+        for n, lin in linears.items():
+            w = rotate_weight(lin.weight.data, rotations[n]) if n in rotations else lin.weight
+            q, scale = quantize_weight(w, weight_strategy)
             lin.weight.data = q.to(lin.weight.dtype) * scale.to(lin.weight.dtype)
-        with quantized_activations(linears, schemes, input_absmax):
+        with rotated(linears, rotations), quantized_activations(linears, schemes, input_absmax):
             yield
     finally:
         for n, lin in linears.items():
@@ -129,18 +136,20 @@ def restored(tensors: list[torch.Tensor]):
 @torch.no_grad()
 def search_alpha_block(layer: nn.Module, smooth, touched: list[torch.Tensor], probe: BlockProbe,
                        linears: dict[str, nn.Linear], schemes: dict[str, ActivationScheme],
-                       absmax_after, weight_strategy: str, grid=GRID) -> tuple[float, dict[float, float]]:
+                       absmax_after, weight_strategy: str, grid=GRID,
+                       rotations: dict[str, int] | None = None) -> tuple[float, dict[float, float]]:
     """α of one group by the W8A8 error of the whole decoder layer's output.
 
     ``smooth(alpha) -> s_in`` applies the group's smoothing to ``layer`` in place (editing only ``touched``);
     ``absmax_after(s_in)``: every linear's input absmax with this group smoothed by ``s_in`` (the static
-    scales). Each candidate is applied, measured under :func:`simulated_w8a8` and undone exactly. Returns
+    scales). Each candidate is applied, measured under :func:`simulated_w8a8` (``rotations``: the linears
+    ``--rotate`` rotates) and undone exactly. Returns
     (best alpha, {alpha: error}); a tie goes to the smaller alpha (the first on the grid).
     """
     errors = {}
     for a in grid:
         with restored(touched):
             after = absmax_after(smooth(a))
-            with simulated_w8a8(linears, schemes, after, weight_strategy):
+            with simulated_w8a8(linears, schemes, after, weight_strategy, rotations):
                 errors[a] = block_error(layer, probe)
     return min(errors, key=errors.get), errors

@@ -115,6 +115,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --weight-rounding gptq: damping, a fraction in (0, 1) of mean(diag H) (default 0.01)")
     q.add_argument("--gptq-act-order", action="store_true",
                    help="with --weight-rounding gptq: quantize columns in order of descending diag(H)")
+    q.add_argument("--rotate", choices=["down_proj", "none"], default=None,
+                   help="down_proj: rotate the MLP output projection's input (down_proj; OPT fc2, BLOOM/Falcon "
+                        "dense_4h_to_h) by a block-diagonal Hadamard matrix, folded into its weight offline and "
+                        "applied to its input at run time (default: down_proj for dense models with smoothing on; "
+                        "none for MoE models and --no-smooth)")
+    q.add_argument("--rotate-block", type=_positive, default=None, metavar="B",
+                   help="Hadamard block size, a power of two dividing the MLP's intermediate size and each tensor-"
+                        "parallel shard of it (default 256, or the largest power of two <= 256 dividing it)")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
 
     e = sub.add_parser("eval", help="perplexity of a model on a text, through vLLM")
@@ -172,6 +180,8 @@ def _quantize(args) -> int:
         weight_rounding=args.weight_rounding,
         gptq_damp=args.gptq_damp,
         gptq_act_order=args.gptq_act_order,
+        rotate=args.rotate,
+        rotate_block=args.rotate_block,
     )
     r = quantize(args.model_dir, args.output_dir, args.calib, opts, overwrite=args.overwrite)
     per_expert = [g for g in r.groups if isinstance(getattr(g, "tokens", None), int)]  # MoE: one expert's up->down
@@ -185,7 +195,7 @@ def _quantize(args) -> int:
     for x in r.layers:
         print(f"{x.layer:>5} {x.seconds:>8.2f} {gib(x.peak_rss_bytes):>13} {gib(x.peak_cuda_bytes):>14}")
     _print_rounding(Path(r.output))
-    print(f"weights: {r.loading}\ncalibration activations: {r.activations}")
+    print(f"weights: {r.loading}\ncalibration activations: {r.activations}\n{r.rotation}")
     peak = f"peak memory {gib(r.peak_rss_bytes)} GiB RSS"
     if r.peak_cuda_bytes is not None:
         peak += f", {gib(r.peak_cuda_bytes)} GiB CUDA"

@@ -100,14 +100,15 @@ def _smoothed_absmax(after: dict[str, torch.Tensor], act_absmax: dict[str, torch
 
 
 def _auto_alpha(layer, g, seen, a, w, act_absmax, after, heads, samples, schemes, weights, storage, probe,
-                tokens) -> float:
+                tokens, rotations) -> float:
     """``--alpha auto`` for one group: the block objective with a ``probe`` on a dense group, else (an expert
     group, or no probe) the group-local objective on the ``samples`` rows (``alpha_search``)."""
     if probe is not None and tokens is None:
         linears = {n: layer.get_submodule(n) for n in schemes}
         return search_alpha_block(
             layer, lambda al: _smooth_group(layer, g, a, w, al, heads, storage), _touched(layer, g), probe,
-            linears, schemes, lambda s_in: _smoothed_absmax(after, act_absmax, seen, s_in), weights.strategy)[0]
+            linears, schemes, lambda s_in: _smoothed_absmax(after, act_absmax, seen, s_in), weights.strategy,
+            rotations=rotations)[0]
     if samples is None:
         raise ValueError(f"--alpha auto, group {g.name!r}: no calibration input rows (samples) for the "
                          "group-local search; pass samples (pipeline.calibrate records them) or a BlockProbe")
@@ -130,6 +131,7 @@ def smooth_layer(
     weights: WeightScheme = WeightScheme(),
     storage: torch.dtype | None = None,
     probe: BlockProbe | None = None,
+    rotations: dict[str, int] | None = None,
 ) -> tuple[dict[str, torch.Tensor], list[GroupReport]]:
     """Apply smoothing to one decoder layer in place; return its linears' input absmax after smoothing.
 
@@ -138,7 +140,8 @@ def smooth_layer(
     alpha per group, in order (see ``alpha_search``): a dense group by the W8A8 error of the layer's output on
     ``probe`` (every linear of ``schemes`` simulated with its activation scheme and the ``weights`` scheme), an
     expert group (or any group without a probe) by its own output error on ``samples``. ``storage``: the
-    checkpoint's dtype, in which a folded norm weight must be exact (``storable_norm_scales``).
+    checkpoint's dtype, in which a folded norm weight must be exact (``storable_norm_scales``). ``rotations``:
+    the linears ``--rotate`` will rotate after smoothing (name -> block), simulated rotated by the block search.
     """
     after = dict(act_absmax)
     rows = getattr(act_absmax, "rows", {})
@@ -154,7 +157,8 @@ def smooth_layer(
         w = weight_absmax([layer.get_submodule(n) for n in g.linears])
         a = torch.stack([act_absmax[n].to(w.device) for n in seen]).amax(dim=0)
         group_alpha = alpha if alpha != "auto" else _auto_alpha(
-            layer, g, seen, a, w, act_absmax, after, heads, samples, schemes, weights, storage, probe, tokens)
+            layer, g, seen, a, w, act_absmax, after, heads, samples, schemes, weights, storage, probe, tokens,
+            rotations)
         s_in = _smooth_group(layer, g, a, w, group_alpha, heads, storage)
         after = _smoothed_absmax(after, act_absmax, seen, s_in)
         args = (index, g.name, group_alpha, float(a.max()), float((a / s_in.to(a.device)).max()))

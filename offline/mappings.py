@@ -108,6 +108,10 @@ class ArchMapping:
     # "<layer>.<attention>.k_scale" / ".v_scale" are the checkpoint's KV-cache scales (format.py)
     attention: str = "self_attn"
     moe: MoeLayout | None = None  # the decoder layer's mixture-of-experts block, if it has one
+    # the MLP's output projection (its input: the activation function's output, the int8 input with the largest
+    # per-token outliers), which ``--rotate down_proj`` rotates; None: not rotatable (MoE experts run inside vLLM's
+    # fused-MoE kernel, which quantizes their intermediate itself)
+    mlp_out: str | None = "mlp.down_proj"
 
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -136,6 +140,7 @@ _OPT = ArchMapping(
     ),
     default_alpha=0.5,
     fused=(_QKV,),
+    mlp_out="fc2",
 )
 
 # Phi-3 stores q/k/v and gate/up fused (qkv_proj, gate_up_proj): v->o and up->down divide only the v / up rows.
@@ -163,6 +168,7 @@ _BLOOM = ArchMapping(
     default_alpha=0.5,
     layer_returns_tuple=True,
     attention="self_attention",
+    mlp_out="mlp.dense_4h_to_h",
 )
 
 # Falcon (parallel attention, one input_layernorm feeding attention and MLP): one smoothing group of both linears,
@@ -179,6 +185,7 @@ _FALCON = ArchMapping(
     default_alpha=0.5,
     layer_returns_tuple=True,
     attention="self_attention",
+    mlp_out="mlp.dense_4h_to_h",
 )
 
 # Gemma: RMSNorm computes x_hat * (1 + w), so folding stores (1 + w) / s - 1 (smoothing.apply_smoothing);
@@ -225,7 +232,7 @@ def _moe_mapping(moe: MoeLayout, shared: str | None = None) -> ArchMapping:
     if shared:
         groups.append(SmoothGroup("shared_down", f"{shared}.up_proj", (f"{shared}.down_proj",)))
     return ArchMapping(layers="model.layers", groups=tuple(groups), default_alpha=0.8,
-                       fused=(_QKV,) + ((shared_gate_up,) if shared else ()), moe=moe)
+                       fused=(_QKV,) + ((shared_gate_up,) if shared else ()), moe=moe, mlp_out=None)
 
 
 # Mixtral: transformers calls the block `mlp`, the checkpoint and vLLM `block_sparse_moe`; experts w1/w3/w2.

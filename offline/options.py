@@ -37,6 +37,8 @@ ACTIVATION_SCHEMES = {"token": TOKEN, "static": STATIC}  # the CLI's words for t
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 OFFLOAD = ("cpu", "disk")  # where calibration activations go instead of --device
 KV_CACHES = {"none": None, "fp8": "fp8_e4m3"}  # the CLI's --kv-cache words -> format.py's KVCacheScheme.dtype
+ROTATIONS = ("down_proj", "none")  # the CLI's --rotate words (down_proj: the MLP output projection of any family)
+DEFAULT_ROTATE_BLOCK = 256  # measured best on SmolLM2 (docs/ACCURACY.md); divides 14336 / 8 (Llama-3-8B at TP 8)
 
 
 def kv_cache_scheme(word: str, strategy: str = "tensor") -> KVCacheScheme | None:
@@ -101,6 +103,9 @@ class QuantizeOptions:
     weight_rounding: str = "nearest"  # how the int8 values are chosen (the scales are the same): WEIGHT_ROUNDINGS
     gptq_damp: float | None = None  # --weight-rounding gptq: fraction of mean(diag H) added to H (None: 0.01)
     gptq_act_order: bool = False  # --weight-rounding gptq: columns in order of descending diag(H)
+    # None: down_proj where the family allows (dense MLPs) and smoothing is on; "down_proj" | "none"
+    rotate: str | None = None
+    rotate_block: int | None = None  # Hadamard block size (None: 256, or the largest power of two dividing the input)
 
     def __post_init__(self):
         _check_alpha(self.alpha)
@@ -134,6 +139,7 @@ class QuantizeOptions:
         if self.offload_activations not in (None, *OFFLOAD):
             raise OptionsError(f"--offload-activations {self.offload_activations!r}: use cpu or disk.")
         self._check_rounding()
+        self._check_rotation()
         if self.offload_activations == "cpu" and self.device == "cpu":
             raise OptionsError("--offload-activations cpu with --device cpu: the activations are in host memory "
                                "already; use --offload-activations disk to keep them out of memory.")
@@ -154,6 +160,19 @@ class QuantizeOptions:
             raise OptionsError(f"--gptq-damp {d!r} is outside (0, 1): it is the fraction of mean(diag H) added to "
                                "the Hessian's diagonal; 0.01 is the usual value, 0.1 for a Hessian that will not "
                                "invert.")
+
+    def _check_rotation(self) -> None:
+        if self.rotate is not None and self.rotate not in ROTATIONS:
+            raise OptionsError(f"--rotate {self.rotate!r}: use down_proj (rotate the MLP output projection's input; "
+                               "fc2 / dense_4h_to_h in OPT / BLOOM / Falcon) or none.")
+        b = self.rotate_block
+        if b is not None:
+            if self.rotate == "none":
+                raise OptionsError(f"--rotate-block {b} with --rotate none: the block size is that of the rotation "
+                                   "--rotate none turns off; drop one of the two.")
+            if isinstance(b, bool) or not isinstance(b, int) or b < 2 or b & (b - 1):
+                raise OptionsError(f"--rotate-block {b!r}: use a power of two >= 2 (e.g. 64, 128, 256), the size of "
+                                   "the Hadamard blocks.")
 
     @property
     def damp(self) -> float:

@@ -34,6 +34,7 @@ from .loading import Checkpoint, open_checkpoint
 from .mappings import ArchMapping, SmoothGroup, attention_heads, layer_linears
 from .options import OptionsError, QuantizeOptions, check_against_model
 from .quantization import quantize_weight, static_input_scale
+from .rotation import fold_rotation, rotated, rotated_absmax, rotated_linears, rotation_scheme
 from .report import (
     GroupReport,
     LinearRounding,
@@ -74,6 +75,7 @@ class Recipe:
     fmt: SmoothQuantFormat
     num_layers: int
     tied_lm_head: bool
+    rotation_note: str = ""  # what --rotate does to this model, for the report
     rounding: list[LinearRounding] = dataclasses.field(default_factory=list, compare=False)  # filled per layer (gptq)
 
     @property
@@ -104,14 +106,18 @@ class Recipe:
 
 def plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Recipe:
     n = len(ckpt.layers)
-    local = list(layer_linears(ckpt.layers[0]))
+    first = layer_linears(ckpt.layers[0])
+    local = list(first)
     groups = check_against_model(opts, ckpt.mapping, n, local)
-    fmt = opts.checkpoint_format()
+    out_proj = first.get(ckpt.mapping.mlp_out) if ckpt.mapping.mlp_out else None
+    rotation, note = rotation_scheme(opts.rotate, opts.rotate_block, opts.smooth, ckpt.mapping,
+                                     ckpt.config.architectures[0], None if out_proj is None else out_proj.in_features)
+    fmt = dataclasses.replace(opts.checkpoint_format(), rotation=rotation)
     check_expert_schemes(fmt, ckpt.mapping, n, local)  # MoE experts: dynamic activations only
     fmt = dataclasses.replace(fmt, ignore=fmt.ignore + kept_modules(ckpt.mapping, n))  # MoE routers stay unquantized
     return Recipe(opts, ckpt.mapping, groups, ckpt.mapping.default_alpha if opts.alpha is None else opts.alpha,
                   attention_heads(ckpt.config), fmt, n,
-                  bool(getattr(ckpt.config, "tie_word_embeddings", False)))
+                  bool(getattr(ckpt.config, "tie_word_embeddings", False)), note)
 
 
 def _storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -246,20 +252,26 @@ def propagate(layer: nn.Module, linears: dict[str, nn.Linear], inputs: LayerInpu
 
 
 def process_layer(ckpt: Checkpoint, i: int, r: Recipe, inputs: LayerInputs | None, writer: ShardWriter):
-    """Decoder layer i from start to end: load, calibrate, smooth, quantize, write, propagate, free.
+    """Decoder layer i from start to end: load, calibrate, smooth, rotate, quantize, write, propagate, free.
     Returns its group reports and statistics."""
     layer = to_compute(ckpt.load_layer(i), r.opts.device, r.opts.compute_dtype)
     linears = layer_linears(layer)
     schemes = r.schemes(i, linears)
+    blocks = rotated_linears(linears, r.fmt.rotation)
     absmax, samples, probe = calibrate(layer, linears, inputs, i, r)
     after, reports = smooth_layer(layer, i, r.groups, absmax, r.alpha, r.heads, samples, schemes, r.opts.weights,
-                                  r.opts.storage_dtype, probe)
+                                  r.opts.storage_dtype, probe, blocks)
     del probe
-    hessians = layer_hessians(layer, linears, inputs.hidden, inputs.kwargs[i]) if r.gptq else None  # smoothed inputs
-    writer.write_all(quantize_layer(layer, i, linears, schemes, after, r, hessians))
-    del hessians
-    if r.propagates(i):
-        writer.write_all(propagate(layer, linears, inputs, i, schemes, after, r))
+    for name, block in blocks.items():
+        fold_rotation(linears[name], block)
+    with rotated(linears, blocks):  # from here on the rotated linears run as vLLM will run them
+        if inputs is not None and any(not schemes[n].dynamic for n in blocks):
+            after.update(rotated_absmax(layer, {n: linears[n] for n in blocks}, inputs, i))
+        hessians = layer_hessians(layer, linears, inputs.hidden, inputs.kwargs[i]) if r.gptq else None  # smoothed
+        writer.write_all(quantize_layer(layer, i, linears, schemes, after, r, hessians))
+        del hessians
+        if r.propagates(i):
+            writer.write_all(propagate(layer, linears, inputs, i, schemes, after, r))
     ckpt.release_layer(i)
     stats = {f"{r.name(i, n)}.{k}": v[n].cpu() for n in linears if n in absmax
              for k, v in (("before", absmax), ("after", after))}
@@ -293,7 +305,7 @@ def quantize(model_dir: str, output_dir: str | Path, calib: str | Path, opts: Qu
                         stats.update(layer_stats)
                     activations = inputs.hidden.description if inputs else "none needed (naive W8A8 per token)"
             report = QuantizeReport(str(out), time.perf_counter() - start, 0, groups, meter.layers, loading=ckpt.how,
-                                    activations=activations, **meter.peaks())
+                                    activations=activations, rotation=r.rotation_note, **meter.peaks())
             ckpt.config.dtype = opts.storage_dtype
             write_metadata(tmp, config=ckpt.config, fmt=_final_format(r, groups, calib, len(windows)),
                            tokenizer=tokenizer, generation_config=generation, stats=stats,
@@ -304,7 +316,7 @@ def quantize(model_dir: str, output_dir: str | Path, calib: str | Path, opts: Qu
 def _report_json(report: QuantizeReport, r: Recipe) -> dict:
     return {"groups": [vars(g) for g in report.groups], "smooth_groups": [g.name for g in r.groups],
             "calibrate_smooth_quantize_seconds": round(report.seconds, 1), "loading": report.loading,
-            "activations": report.activations, "peak_rss_bytes": report.peak_rss_bytes,
+            "activations": report.activations, "rotation": report.rotation, "peak_rss_bytes": report.peak_rss_bytes,
             "peak_cuda_bytes": report.peak_cuda_bytes, "layers": [vars(x) for x in report.layers],
             "weight_rounding": rounding_json(r.opts.weight_rounding, r.opts.damp, r.opts.gptq_act_order, r.rounding)}
 

@@ -9,6 +9,7 @@ fp8 KV cache as vLLM stores it: fp8_e4m3(K / k_scale) * k_scale, saturating at 4
 from __future__ import annotations
 
 import json
+import math
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -43,18 +44,33 @@ def cuda_int8_quant(x: torch.Tensor, input_scale: torch.Tensor | None = None) ->
     return torch.round(x * inv).clamp(-128, 127).to(torch.int8), absmax / 127.0
 
 
+def sylvester(b: int) -> torch.Tensor:
+    """The orthonormal Sylvester Hadamard matrix of size b (float64), built by its recursion."""
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < b:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h / math.sqrt(b)
+
+
+def hadamard_rotate(x: torch.Tensor, b: int) -> torch.Tensor:
+    """x @ blockdiag(H_b, ..., H_b) over the last dimension, as a dense block-diagonal matrix."""
+    r = torch.block_diag(*[sylvester(b)] * (x.shape[-1] // b))
+    return (x.double() @ r).to(x.dtype)
+
+
 class FakeQuantLinear(torch.nn.Module):
     quantize_input = True  # False: the int8 weights alone (benchmarks/error_budget.py switches it per linear)
 
-    def __init__(self, weight_q, weight_scale, bias, input_scale=None):
+    def __init__(self, weight_q, weight_scale, bias, input_scale=None, rotation_block=None):
         super().__init__()
+        self.rotation_block = rotation_block  # the input is rotated by blockdiag(H_b) first (format 3 "rotation")
         self.w = weight_q.float() * weight_scale.float().reshape(-1, 1) if weight_scale.numel() > 1 else \
             weight_q.float() * weight_scale.float()
         self.bias = None if bias is None else bias.float()
         self.input_scale = input_scale
 
     def forward(self, x):
-        xq = xf = x.float()
+        xq = xf = x.float() if self.rotation_block is None else hadamard_rotate(x.float(), self.rotation_block)
         if self.quantize_input:
             xq = fake_quant_per_token(xf) if self.input_scale is None else fake_quant_static(xf, self.input_scale.float())
         y = xq @ self.w.T
@@ -105,7 +121,13 @@ def load_fake_quant_model(ckpt: Path, dtype=torch.float32):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg_dict = json.loads((ckpt / "config.json").read_text())
-    cfg_dict.pop("quantization_config")
+    rotation = cfg_dict.pop("quantization_config").get("rotation")
+
+    def block(name: str):
+        if rotation and any(name == t or name.endswith("." + t) for t in rotation["targets"]):
+            return rotation["block_size"]
+        return None
+
     config = AutoConfig.for_model(**cfg_dict)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
     sd = {}
@@ -118,7 +140,7 @@ def load_fake_quant_model(ckpt: Path, dtype=torch.float32):
             parent, leaf = name.rsplit(".", 1)
             model.get_submodule(parent).register_module(leaf, FakeQuantLinear(
                 sd.pop(f"{name}.weight"), sd.pop(f"{name}.weight_scale"), sd.get(f"{name}.bias"),
-                sd.pop(f"{name}.input_scale", None)))
+                sd.pop(f"{name}.input_scale", None), block(name)))
             sd.pop(f"{name}.bias", None)
     # KV-cache scales (format 2) are not weights: fake_quant_kv_cache applies them.
     sd = {k: v for k, v in sd.items() if not k.endswith((".k_scale", ".v_scale"))}

@@ -93,7 +93,21 @@ class SmoothQuantConfig(QuantizationConfig):
             return UnquantizedLinearMethod()
         from .linear_method import SmoothQuantLinearMethod
 
-        return SmoothQuantLinearMethod(self.fmt, prefix, self.activations_for(prefix))
+        return SmoothQuantLinearMethod(self.fmt, prefix, self.activations_for(prefix), self.rotation_for(prefix))
+
+    def rotation_for(self, prefix: str) -> int | None:
+        """The Hadamard block of the layer's input rotation (format 3 ``rotation``), or None. A fused layer's shards
+        share one input, so they must all be rotated or none."""
+        if self.fmt.rotation is None:
+            return None
+        parent, _, leaf = prefix.rpartition(".")
+        shards = self.packed_modules_mapping.get(leaf) or [leaf]
+        blocks = {self.fmt.rotation.block_for(f"{parent}.{s}" if parent else s) for s in shards}
+        if len(blocks) > 1:
+            raise FormatError(f"{prefix}: vLLM runs {', '.join(shards)} as one fused layer with one input, but "
+                              "quantization_config['rotation']['targets'] rotates only some of them; list all of them "
+                              "or none.")
+        return blocks.pop()
 
     def activations_for(self, prefix: str) -> ActivationScheme:
         """The layer's activation scheme; the shards of a fused layer (qkv_proj = q, k, v) must agree."""

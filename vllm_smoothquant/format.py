@@ -1,4 +1,4 @@
-"""SmoothQuant checkpoint format, version 2 (version 1 still read): the typed ``quantization_config``.
+"""SmoothQuant checkpoint format, version 3 (versions 1 and 2 still read): the typed ``quantization_config``.
 
 Shared by the offline writer and the vLLM plugin, so both sides validate the same
 schema. A checkpoint is a normal Hugging Face model directory whose ``config.json``
@@ -14,7 +14,8 @@ carries::
         "activation_overrides": {"down_proj": {"num_bits": 8, "strategy": "token", "dynamic": true, "symmetric": true}},
         "calibration": {"source": "...", "num_samples": 128, "seq_len": 512},
         "kv_cache": {"dtype": "fp8_e4m3", "strategy": "tensor"},
-        "weight_rounding": "nearest"
+        "weight_rounding": "nearest",
+        "rotation": {"type": "hadamard", "matrix": "sylvester", "block_size": 256, "targets": ["mlp.down_proj"]}
     }
 
 ``activation_overrides`` (optional) gives some modules another activation scheme than
@@ -29,6 +30,14 @@ and whose safetensors hold, for every quantized Linear ``<name>``:
 - ``<name>.weight``       int8    ``[out, in]``  (symmetric, q_max = 127)
 - ``<name>.weight_scale`` float32 ``[out, 1]`` (strategy "channel") or ``[1]`` ("tensor")
 - ``<name>.input_scale``  float32 ``[1]`` only when activations are static.
+
+``rotation`` (format 3; absent or null: none) declares linears whose input is rotated at run time: for a module
+whose dotted name ends with one of ``targets`` (matched as ``activation_overrides`` keys are), the checkpoint's
+``<name>.weight`` holds ``W R`` (before int8 rounding) and the layer computes ``(x R) (W R)^T``, with
+``R = blockdiag(H_b, ...)``, ``H_b = deterministic_hadamard_matrix(b) / sqrt(b)`` (Sylvester, symmetric, so
+row and column conventions agree) and ``b = block_size``, a power of two dividing the layer's input size (and
+each tensor-parallel shard of it). ``x R`` is what the int8 activation quant sees (and, for static activations,
+what ``input_scale`` was calibrated on). See ``rotation.py``.
 
 ``kv_cache`` (format 2; absent or null: none) declares calibrated 8-bit KV-cache scales: for every
 decoder layer's attention module ``<attn>`` (the Hugging Face module that computes K and V, e.g.
@@ -48,9 +57,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .rotation import HADAMARD, MATRIX, is_power_of_two
+
 QUANT_METHOD = "smoothquant"
-FORMAT_VERSION = 2  # the newest version this code reads and writes; a checkpoint without kv_cache is written as 1
+FORMAT_VERSION = 3  # the newest version this code reads and writes; each checkpoint gets the oldest that holds it
 KV_CACHE_FORMAT_VERSION = 2  # the first version with kv_cache
+ROTATION_FORMAT_VERSION = 3  # the first version with rotation
 Q_MAX = 127
 FP8_E4M3_MAX = 448.0  # largest finite float8_e4m3fn value
 KV_SCALE_MIN = 1e-6  # floor of a KV-cache scale: a head whose K or V was all zeros still gets a valid (> 0) scale
@@ -163,6 +175,44 @@ class KVCacheScheme:
 
 
 @dataclass(frozen=True)
+class RotationScheme:
+    """Linears whose input is rotated by a block-diagonal Hadamard matrix (``rotation.py``)."""
+
+    targets: tuple[str, ...]  # module-name suffixes, e.g. ("mlp.down_proj",)
+    block_size: int = 256
+    type: str = HADAMARD
+    matrix: str = MATRIX
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "['rotation']") -> "RotationScheme":
+        if not isinstance(d, dict):
+            raise FormatError(f"quantization_config{where} must be null or an object like "
+                              f"{{'type': 'hadamard', 'matrix': 'sylvester', 'block_size': 256, 'targets': ['mlp.down_proj']}}.")
+        unknown = sorted(set(d) - {"type", "matrix", "block_size", "targets"})
+        if unknown:
+            raise FormatError(f"quantization_config{where} has unknown key(s) {unknown}; it takes 'type', 'matrix', "
+                              "'block_size' and 'targets'.")
+        _check_choice(_require(d, "type", where), (HADAMARD,), where + "['type']")
+        _check_choice(_require(d, "matrix", where), (MATRIX,), where + "['matrix']")
+        block = _require(d, "block_size", where)
+        if not is_power_of_two(block):
+            raise FormatError(f"quantization_config{where}['block_size'] = {block!r} must be a power of two.")
+        targets = _require(d, "targets", where)
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) and t for t in targets):
+            raise FormatError(f"quantization_config{where}['targets'] must be a non-empty list of module-name "
+                              "suffixes, e.g. ['mlp.down_proj'].")
+        return cls(targets=tuple(targets), block_size=block)
+
+    def block_for(self, module: str) -> int | None:
+        """The block size if the module named ``module`` is rotated, else None."""
+        return self.block_size if any(_matches(module, t) for t in self.targets) else None
+
+
+def _matches(module: str, key: str) -> bool:
+    return module == key or module.endswith("." + key)
+
+
+@dataclass(frozen=True)
 class Calibration:
     source: str = ""
     num_samples: int = 0
@@ -183,11 +233,14 @@ class SmoothQuantFormat:
     calibration: Calibration = field(default_factory=Calibration)
     kv_cache: KVCacheScheme | None = None  # None: the KV cache is not calibrated (16-bit, or fp8 with scale 1.0)
     weight_rounding: str = "nearest"  # optional (absent: nearest); informational, same tensors and meaning
+    rotation: RotationScheme | None = None  # None: no linear's input is rotated
     quant_method: str = QUANT_METHOD
 
     @property
     def format_version(self) -> int:
         """The oldest format version that holds this config (so older readers keep loading what they can)."""
+        if self.rotation is not None:
+            return ROTATION_FORMAT_VERSION
         return KV_CACHE_FORMAT_VERSION if self.kv_cache is not None else 1
 
     @classmethod
@@ -208,6 +261,12 @@ class SmoothQuantFormat:
             raise FormatError(
                 f"quantization_config['kv_cache'] needs format_version {KV_CACHE_FORMAT_VERSION} (this config says "
                 f"{version}); set format_version to {KV_CACHE_FORMAT_VERSION} or re-quantize."
+            )
+        rotation = d.get("rotation")
+        if rotation is not None and version < ROTATION_FORMAT_VERSION:
+            raise FormatError(
+                f"quantization_config['rotation'] needs format_version {ROTATION_FORMAT_VERSION} (this config says "
+                f"{version}); set format_version to {ROTATION_FORMAT_VERSION} or re-quantize."
             )
         ignore = d.get("ignore", [])
         if not isinstance(ignore, list) or not all(isinstance(x, str) for x in ignore):
@@ -240,11 +299,12 @@ class SmoothQuantFormat:
             kv_cache=None if kv_cache is None else KVCacheScheme.from_dict(kv_cache),
             weight_rounding=_check_choice(d.get("weight_rounding", "nearest"), WEIGHT_ROUNDINGS,
                                           "['weight_rounding']"),
+            rotation=None if rotation is None else RotationScheme.from_dict(rotation),
         )
 
     def activations_for(self, module: str) -> ActivationScheme:
         """The activation scheme of the module named ``module`` (e.g. ``model.layers.0.mlp.down_proj``)."""
-        keys = [k for k in self.activation_overrides if module == k or module.endswith("." + k)]
+        keys = [k for k in self.activation_overrides if _matches(module, k)]
         return self.activation_overrides[max(keys, key=len)] if keys else self.activations
 
     def to_dict(self) -> dict[str, Any]:
@@ -252,5 +312,9 @@ class SmoothQuantFormat:
         d["ignore"] = list(self.ignore)
         if d["kv_cache"] is None:
             del d["kv_cache"]  # a version-1 config, as version-1 readers know it
+        if d["rotation"] is None:
+            del d["rotation"]  # version 1/2 readers know no rotation
+        else:
+            d["rotation"]["targets"] = list(self.rotation.targets)
         # Keys first that a reader looks for first.
         return {"quant_method": d.pop("quant_method"), "format_version": self.format_version, **d}

@@ -33,6 +33,7 @@ from . import fused_quant
 from .checkpoint import FIX as _FIX
 from .checkpoint import CheckpointTensorError
 from .format import ActivationScheme, SmoothQuantFormat
+from .rotation import InputRotation
 
 # Load formats whose loader feeds checkpoint tensors through the model's ``load_weights`` (so through the
 # loaders below), in vLLM 0.26 and 0.32 alike. Others (dummy, sharded_state, tensorizer, plugins) fill
@@ -85,10 +86,13 @@ def checkpoint_rows(layer: torch.nn.Module, shard) -> int | None:
 class SmoothQuantLinearMethod(LinearMethodBase):
     """W8A8 int8 linear: ``y = (s_x * s_w) * (q(x) @ W_q^T) + bias``."""
 
-    def __init__(self, fmt: SmoothQuantFormat, prefix: str = "", activations: ActivationScheme | None = None) -> None:
+    def __init__(self, fmt: SmoothQuantFormat, prefix: str = "", activations: ActivationScheme | None = None,
+                 rotation_block: int | None = None) -> None:
         self.fmt = fmt
         self.prefix = prefix
         self.activations = activations or fmt.activations  # this layer's scheme (activation_overrides applied)
+        self.rotation_block = rotation_block  # the input is rotated by blockdiag(H_b) before the quant (rotation.py)
+        self.rotation: InputRotation | None = None
         self.kernel = None
         self.fused = False  # input quant in native torch, fused by Inductor into the producer (CUDA, compiled)
         self.shards: tuple = (None,)  # the shard ids this layer's loaders must each receive
@@ -106,6 +110,8 @@ class SmoothQuantLinearMethod(LinearMethodBase):
         **extra_weight_attrs,
     ) -> None:
         loader = extra_weight_attrs["weight_loader"]
+        if self.rotation_block is not None:
+            self.rotation = self._input_rotation(input_size_per_partition, input_size)
         channelwise = self.fmt.weights.strategy == "channel"
         static = not self.activations.dynamic
         layer.logical_widths = output_partition_sizes
@@ -115,7 +121,7 @@ class SmoothQuantLinearMethod(LinearMethodBase):
             input_symmetric=True,
             module_name=type(self).__name__,
         )
-        self.fused = (fused_quant.role_of(self.prefix) in fused_quant.engine_fuses()
+        self.fused = (fused_quant.role_of(self.prefix) in fused_quant.engine_fuses() and self.rotation is None
                       and type(self.kernel).__name__ == "CutlassInt8ScaledMMLinearKernel")
         if self.fused:
             from .engine_log import engine_logger
@@ -162,6 +168,20 @@ class SmoothQuantLinearMethod(LinearMethodBase):
         layer.register_parameter("input_zero_point", None)
         if not hasattr(layer, "azp_adj"):
             layer.register_parameter("azp_adj", None)
+
+    def _input_rotation(self, input_size_per_partition: int, input_size: int) -> InputRotation:
+        """The layer's run-time input rotation; its input slice on this rank must hold whole Hadamard blocks."""
+        b = self.rotation_block
+        if input_size_per_partition % b:
+            tp = input_size // input_size_per_partition
+            raise CheckpointTensorError(
+                f"{self.prefix}: its input ({input_size} channels) is rotated in Hadamard blocks of {b} "
+                f"(quantization_config['rotation']), but at tensor-parallel size {tp} each rank holds "
+                f"{input_size_per_partition} channels, not a multiple of {b}, so a block would straddle two ranks; "
+                f"serve it at a tensor-parallel size whose shard is a multiple of {b}, or re-quantize with a "
+                f"smaller --rotate-block (a power of two dividing {input_size_per_partition})."
+            )
+        return InputRotation(b)
 
     def describe(self, param: str, shard=None) -> str:
         """The checkpoint tensor behind ``param`` (and ``shard``), with vLLM's name where they differ."""
@@ -241,9 +261,13 @@ class SmoothQuantLinearMethod(LinearMethodBase):
                         f"{', '.join(bad)}: holds NaN/inf/zero/negative values or was never loaded (scales must be "
                         f"finite and > 0); {_FIX}."
                     )
+        if self.rotation is not None:
+            self.rotation.to(layer.weight.device)  # before the kernel's own processing, which may drop `weight`
         self.kernel.process_weights_after_loading(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if self.rotation is not None:
+            x = self.rotation(x)
         if self.fused and torch.compiler.is_compiling():
             return fused_quant.int8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
         return self.kernel.apply_weights(layer, x, bias)
