@@ -37,7 +37,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CLI = str(Path(sys.executable).with_name("vllm-smoothquant"))
+CLI = str(Path(sys.executable).with_name("vllm-smoothquant"))  # this environment's console script
+if not Path(CLI).is_file():  # e.g. pip put the scripts elsewhere (a system python's /usr/local/bin)
+    import shutil
+
+    CLI = shutil.which("vllm-smoothquant") or CLI
 LLMC_VERSION = "0.14.0"
 ALL = "qkv,gate_up,o,down"
 # name -> (activation scheme, quantize flags); None: the unquantized model
@@ -70,12 +74,26 @@ VARIANTS: dict[str, tuple[str, list[str] | None]] = {
     "sq-0.8-all-pairs-token-kv8-head": ("token", ["--alpha", "0.8", "--smooth-groups", ALL, "--kv-cache", "fp8",
                                                   "--kv-cache-scales", "head"]),
     "sq-auto-all-pairs-token-kv8": ("token", ["--alpha", "auto", "--smooth-groups", ALL, "--kv-cache", "fp8"]),
+    # issue 22: the down_proj input rotation (rows above run with --rotate none where the CLI has --rotate)
+    "defaults-token": ("token", []),  # no flags: alpha auto, all pairs, --rotate down_proj (block 256)
+    "sq-auto-no-down-token-rot": ("token", ["--alpha", "auto", "--smooth-groups", "qkv,gate_up,o", "--rotate",
+                                            "down_proj"]),
+    "sq-auto-all-pairs-token-rot-gptq": ("token", ["--alpha", "auto", "--smooth-groups", ALL, "--rotate",
+                                                   "down_proj", "--weight-rounding", "gptq"]),
+    "sq-auto-all-pairs-token-rot-b64": ("token", ["--alpha", "auto", "--smooth-groups", ALL, "--rotate", "down_proj",
+                                                  "--rotate-block", "64"]),
+    "defaults-static": ("static", ["--activations", "static"]),  # alpha 0.8, all pairs, rotated down_proj
+    "sq-auto-all-pairs-static-rot": ("static", ["--alpha", "auto", "--smooth-groups", ALL, "--activations", "static",
+                                                "--rotate", "down_proj"]),
+    # vLLM's own FP8 W8A8 of the unquantized model (per-tensor e4m3 weights, per-token e4m3 activations)
+    "fp8-online": ("fp8", None),
 }
 # llm-compressor rows -> weight rounding of its recipe (benchmarks/llmc_quantize.py --rounding)
 LLMC = {"llmc-sq-0.8-gptq-token": "gptq", "llmc-sq-0.8-rtn-token": "rtn"}
 # eval flags of a row beyond the common ones: "-scale1" rows ask vLLM for an fp8 KV cache without calibrated scales
 # (vLLM uses 1.0); rows whose checkpoint has --kv-cache fp8 get the fp8 cache by themselves (no flag).
 EVAL_FLAGS = {name: ["--kv-cache-dtype", "fp8"] for name in VARIANTS if name.endswith("-kv8-scale1")}
+EVAL_FLAGS["fp8-online"] = ["--quantization", "fp8"]
 
 
 def _needs_rounding_flag(flags: list[str] | None) -> bool:
@@ -102,6 +120,7 @@ def _eval_mode(argv: list[str]) -> int:
     p.add_argument("--windows", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--kv-cache-dtype", default=None)
+    p.add_argument("--quantization", default=None)
     a = p.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -116,7 +135,7 @@ def _eval_mode(argv: list[str]) -> int:
 
     extra = {"kv_cache_dtype": a.kv_cache_dtype} if a.kv_cache_dtype else {}
     # as `vllm-smoothquant eval --enforce-eager` builds it
-    llm = make_llm(a.eval_model, None, log=log, max_model_len=max(2048, a.seq_len + 1), enforce_eager=True, **extra)
+    llm = make_llm(a.eval_model, a.quantization, log=log, max_model_len=max(2048, a.seq_len + 1), enforce_eager=True, **extra)
     config = llm.llm_engine.vllm_config
     for text, w in windows.items():
         t0 = time.perf_counter()
@@ -319,7 +338,8 @@ def main() -> int:
     held = _heldout(a.heldout)
     work = Path(a.workdir or tempfile.mkdtemp(prefix="sq-accuracy-")).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    has_rounding = "--weight-rounding" in _quantize_help()
+    help_text = _quantize_help()
+    has_rounding, has_rotate = "--weight-rounding" in help_text, "--rotate" in help_text
 
     # Resumable: rows already in --out (same device) are kept, so a long table can be built in several calls.
     previous = json.loads(out.read_text()) if out.is_file() else {}
@@ -338,6 +358,8 @@ def main() -> int:
         skipped.pop(name, None)
         if flags is not None and has_rounding and "--weight-rounding" not in flags:
             flags = [*flags, "--weight-rounding", "nearest"]  # rows without "-gptq" stay round-to-nearest
+        if flags is not None and has_rotate and "--rotate" not in flags and not name.startswith("defaults-"):
+            flags = [*flags, "--rotate", "none"]  # rows from before the rotation keep their meaning
         fields: dict = {}
         target = model
         if name in LLMC:

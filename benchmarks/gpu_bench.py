@@ -51,6 +51,9 @@ VARIANTS = {
     "smoothquant_kv8": ("smoothquant-kv8", ["--quantization", "smoothquant"]),
     "fp8_kv8": ("fp16", ["--quantization", "fp8", "--kv-cache-dtype", "fp8"]),
     "fp8": ("fp16", ["--quantization", "fp8"]),
+    # the smoothquant int8 tensors (hard links) with format 3's rotation declared for every down_proj (issue 22):
+    # the same GEMMs plus the run-time Hadamard rotation of down_proj's input (hadacore), blocks of 256
+    "smoothquant_rot": ("smoothquant-rot", ["--quantization", "smoothquant"]),
 }
 QUANT_ARG = {v: flags for v, (_, flags) in VARIANTS.items()}
 
@@ -150,8 +153,29 @@ def build(shape: str, root: Path, tokenizer: Path, device: str, fp16_only: bool 
         print(f"built {dirs[variant]} ({_gib(dirs[variant]):.2f} GiB)", flush=True)
     if fp16_only:
         return
+    _with_rotation(dirs["smoothquant"], dirs["smoothquant_rot"], config, fmt, mapping)
     to_compressed_tensors(dirs["smoothquant"], dirs["stock_w8a8"], overwrite=True)
     print(f"built {dirs['stock_w8a8']} (hard links to the smoothquant int8 tensors)", flush=True)
+
+
+def _with_rotation(src: Path, dst: Path, config, fmt, mapping, block: int = 256) -> None:
+    """``dst``: ``src``'s int8 tensors (hard links) with format 3's rotation of the MLP output projection declared
+    (random weights: rotated or not, the same speed)."""
+    import dataclasses
+
+    from vllm_smoothquant.format import RotationScheme
+
+    if mapping.mlp_out is None:
+        return  # MoE experts: not rotatable
+    shutil.rmtree(dst, ignore_errors=True)
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.is_file() and f.name != "config.json":
+            os.link(f, dst / f.name)
+    config.quantization_config = dataclasses.replace(
+        fmt, rotation=RotationScheme(targets=(mapping.mlp_out,), block_size=block)).to_dict()
+    config.save_pretrained(dst)
+    print(f"built {dst} (hard links to the smoothquant int8 tensors; rotation declared)", flush=True)
 
 
 def _gib(d: Path) -> float:

@@ -85,7 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default 512)")
     q.add_argument("--batch-size", type=_positive, default=1,
                    help="calibration windows of equal length per forward (default 1; more costs activation memory)")
-    q.add_argument("--alpha", type=_alpha, default=None, help="migration strength in [0, 1], or 'auto' (searched per group); default: per family")
+    q.add_argument("--alpha", type=_alpha, default=None, help="migration strength in [0, 1], or 'auto' (searched per group); default: auto with per-token "
+                        "activations, the family's alpha (0.5 OPT/BLOOM/Falcon, 0.8 others) with static ones")
     q.add_argument("--no-smooth", action="store_true", help="naive W8A8 baseline: same quantization, no migration")
     q.add_argument(
         "--smooth-groups", default=None,

@@ -104,6 +104,13 @@ class Recipe:
         return (self.heads[1],) if self.fmt.kv_cache.strategy == "head" else (1,)
 
 
+def default_alpha(opts: QuantizeOptions, mapping: ArchMapping) -> float | str:
+    """``--alpha`` when not given: ``auto`` (searched per group) for dynamic per-token activations, where it
+    measured best on every held-out text (docs/ACCURACY.md); the family's fixed alpha for static activations,
+    where the fixed alpha measured better."""
+    return "auto" if opts.activations.dynamic else mapping.default_alpha
+
+
 def plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Recipe:
     n = len(ckpt.layers)
     first = layer_linears(ckpt.layers[0])
@@ -115,7 +122,7 @@ def plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Recipe:
     fmt = dataclasses.replace(opts.checkpoint_format(), rotation=rotation)
     check_expert_schemes(fmt, ckpt.mapping, n, local)  # MoE experts: dynamic activations only
     fmt = dataclasses.replace(fmt, ignore=fmt.ignore + kept_modules(ckpt.mapping, n))  # MoE routers stay unquantized
-    return Recipe(opts, ckpt.mapping, groups, ckpt.mapping.default_alpha if opts.alpha is None else opts.alpha,
+    return Recipe(opts, ckpt.mapping, groups, default_alpha(opts, ckpt.mapping) if opts.alpha is None else opts.alpha,
                   attention_heads(ckpt.config), fmt, n,
                   bool(getattr(ckpt.config, "tie_word_embeddings", False)), note)
 
