@@ -62,7 +62,8 @@ def _bench(name: str, model: str, port: int, workload: str, rep: int, work: Path
     out = f"{name}-{workload}-r{rep}.json"
     cmd = ["vllm", "bench", "serve", "--backend", "vllm", "--model", model, "--port", str(port),
            "--dataset-name", "random", "--random-input-len", str(i), "--random-output-len", str(o),
-           "--num-prompts", str(n), "--request-rate", "inf", "--ignore-eos", "--save-result", "--result-dir",
+           "--num-prompts", str(n), "--request-rate", "inf", "--ignore-eos", "--percentile-metrics",
+           "ttft,tpot,itl,e2el", "--save-result", "--result-dir",
            str(work), "--result-filename", out, *(["--max-concurrency", str(conc)] if conc else [])]
     _tool(cmd, work / f"{out}.log")
     r = json.loads((work / out).read_text())

@@ -70,5 +70,8 @@ class InputRotation(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            return self.kernel(x.unflatten(-1, (-1, self.block)).contiguous(), inplace=False).flatten(-2)
+            # One block per row of a 2-D copy: on an H200 (vLLM 0.26) the kernel gave wrong values for a 3-D
+            # [tokens, blocks, b] input and wrote into its input even with inplace=False (declared out of place,
+            # so torch.compile must not see the input change: the copy takes the write).
+            return self.kernel(x.reshape(-1, self.block).clone(), inplace=False).view(x.shape)
         return rotate(x, self.block, self.h.to(x.dtype))
