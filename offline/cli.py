@@ -266,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     from .inspect_ckpt import InspectError
     from .mappings import UnsupportedArchitectureError
     from .pipeline import OptionsError
+    from .write_errors import OutputWriteError
 
     try:
         if args.command == "quantize":
@@ -294,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             InspectError, MissingAssetError, CheckpointError) as e:
         print(f"vllm-smoothquant {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OutputWriteError as e:  # a full disk mid-run: the partial output is already removed
+        print(f"vllm-smoothquant {args.command}: error: {e}. Nothing half-written is left behind.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":
