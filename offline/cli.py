@@ -257,6 +257,29 @@ def _eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .signals import Terminated, exit_status, signal_name, terminate_on
+
+    with terminate_on():  # SIGTERM / SIGHUP: the clean-up of Ctrl-C
+        try:
+            return _run(args)
+        except (KeyboardInterrupt, Terminated) as e:
+            _stop_engines()
+            try:  # after SIGHUP the terminal may be gone
+                print(f"vllm-smoothquant {args.command}: stopped by {signal_name(e)}; nothing half-written is left "
+                      "behind", file=sys.stderr)
+            except OSError:
+                pass
+            return exit_status(e)
+
+
+def _stop_engines() -> None:
+    """The vLLM engines this command started (eval, demo), shut down now rather than at exit."""
+    from .harness import stop_engines  # imports neither vLLM nor torch
+
+    stop_engines()
+
+
+def _run(args) -> int:
     from vllm_smoothquant.checkpoint import CheckpointError
     from vllm_smoothquant.format import FormatError
 
