@@ -21,7 +21,7 @@ def test_importing_the_cli_installs_no_handler():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)])
 def test_the_signal_raises_in_the_main_thread_and_the_old_handler_comes_back(sig, status):
     old = signal.getsignal(sig)
     with pytest.raises(Terminated) as e:
@@ -33,6 +33,31 @@ def test_the_signal_raises_in_the_main_thread_and_the_old_handler_comes_back(sig
     assert signal.getsignal(sig) == old
     assert exit_status(KeyboardInterrupt()) == 130
 
+
+def test_a_signal_ignored_on_entry_stays_ignored():
+    """``nohup`` ignores SIGHUP (and a script's background job SIGINT): the command must not take it back."""
+    old = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with terminate_on():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.1)
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, old)
+
+
+
+def test_a_second_signal_while_cleaning_up_ends_the_process_at_once():
+    code = ("import os, signal, time\n"
+            "from vllm_smoothquant.offline.signals import Terminated, terminate_on\n"
+            "with terminate_on():\n"
+            "    try:\n"
+            "        os.kill(os.getpid(), signal.SIGTERM); time.sleep(5)\n"
+            "    except Terminated:\n"
+            "        os.kill(os.getpid(), signal.SIGHUP); time.sleep(5)\n"
+            "raise SystemExit(0)\n")
+    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == -signal.SIGHUP
 
 # ---------------------------------------------------------------- a real quantize run, stopped by a real signal
 @pytest.fixture(scope="module")
