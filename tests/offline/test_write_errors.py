@@ -6,7 +6,7 @@ import os
 import pytest
 from tiny_models import calib_text, save_tiny
 
-from vllm_smoothquant.offline import export, streaming
+from vllm_smoothquant.offline import convert, export, streaming
 from vllm_smoothquant.offline.cli import main
 from vllm_smoothquant.offline.export import write_text_atomic
 from vllm_smoothquant.offline.write_errors import OutputWriteError, writing
@@ -63,6 +63,16 @@ def test_an_existing_output_survives_a_failed_overwrite(tiny, tmp_path, monkeypa
     assert _quantize(model, tmp_path / "o", calib, "--overwrite") == 1
     assert (tmp_path / "o" / "model.safetensors").read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["o"]
+
+
+def test_a_full_disk_while_converting_is_one_message_and_leaves_nothing(tiny, tmp_path, monkeypatch, capsys):
+    model, calib = tiny
+    assert _quantize(model, tmp_path / "sq", calib) == 0
+    monkeypatch.setattr(convert, "_link_or_copy", lambda src, dst: _full(dst))
+    assert main(["convert", str(tmp_path / "sq"), str(tmp_path / "ct")]) == 1
+    line = _one_error_line(capsys)
+    assert line.startswith("vllm-smoothquant convert: error: cannot write ") and "No space left on device" in line
+    assert [p.name for p in tmp_path.iterdir()] == ["sq"]
 
 
 def test_writing_names_the_file_of_the_error_and_its_cause(tmp_path):
