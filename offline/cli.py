@@ -268,6 +268,29 @@ def _eval(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .signals import Terminated, exit_status, signal_name, terminate_on
+
+    with terminate_on():  # SIGTERM / SIGHUP: the clean-up of Ctrl-C
+        try:
+            return _run(args)
+        except (KeyboardInterrupt, Terminated) as e:
+            _stop_engines()
+            try:  # after SIGHUP the terminal may be gone
+                print(f"vllm-smoothquant {args.command}: stopped by {signal_name(e)}; nothing half-written is left "
+                      "behind", file=sys.stderr)
+            except OSError:
+                pass
+            return exit_status(e)
+
+
+def _stop_engines() -> None:
+    """The vLLM engines this command started (eval, demo), shut down now rather than at exit."""
+    from .harness import stop_engines  # imports neither vLLM nor torch
+
+    stop_engines()
+
+
+def _run(args) -> int:
     from vllm_smoothquant.checkpoint import CheckpointError
     from vllm_smoothquant.format import FormatError
 
@@ -277,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     from .inspect_ckpt import InspectError
     from .mappings import UnsupportedArchitectureError
     from .pipeline import OptionsError
+    from .write_errors import OutputWriteError
 
     try:
         if args.command == "quantize":
@@ -305,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             InspectError, MissingAssetError, CheckpointError) as e:
         print(f"vllm-smoothquant {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OutputWriteError as e:  # a full disk mid-run: the partial output is already removed
+        print(f"vllm-smoothquant {args.command}: error: {e}. Nothing half-written is left behind.", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

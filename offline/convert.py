@@ -23,6 +23,7 @@ from pathlib import Path
 from vllm_smoothquant.format import FormatError, SmoothQuantFormat
 
 from .export import STATS_DIR, atomic_dir
+from .write_errors import writing
 
 
 def compressed_tensors_config(fmt: SmoothQuantFormat, kv_heads_per_scale: int | None = None) -> dict:
@@ -91,7 +92,7 @@ def to_compressed_tensors(src: str | Path, dst: str | Path, overwrite: bool = Fa
     fmt = SmoothQuantFormat.from_dict(config["quantization_config"])
     heads = _k_scale_size(src) if fmt.kv_cache is not None else None
     config["quantization_config"] = compressed_tensors_config(fmt, heads)
-    with atomic_dir(Path(dst), overwrite) as tmp:
+    with atomic_dir(Path(dst), overwrite) as tmp, writing(tmp):  # a full disk: one message, nothing left
         for f in src.iterdir():
             if f.is_file() and f.name != "config.json":
                 _link_or_copy(f, tmp / f.name)

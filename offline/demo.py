@@ -16,6 +16,7 @@ from dataclasses import asdict
 from . import assets
 from .calibration import token_windows
 from .evaluate import perplexity
+from .export import write_text_atomic
 from .harness import greedy, make_llm, provenance, quiet_vllm
 from .pipeline import GroupReport, QuantizeOptions, quantize
 
@@ -92,6 +93,6 @@ def run_demo(verbose: bool = False) -> int:
         **provenance(), "calibration": f"{calib.name} {CALIB_SAMPLES}x{CALIB_LEN}",
         "heldout": f"{heldout.name} {EVAL_WINDOWS}x{EVAL_LEN}", "quantize": quantized, "rows": rows,
     }
-    (work / "results.json").write_text(json.dumps(result, indent=2))
+    write_text_atomic(work / "results.json", json.dumps(result, indent=2))
     print(f"\nresults: {work / 'results.json'}")
     return 0

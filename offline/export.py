@@ -31,6 +31,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from vllm_smoothquant.format import SmoothQuantFormat
 
 from .options import OptionsError
+from .write_errors import OutputWriteError, writing
 
 WEIGHTS_NAME = "model{suffix}.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -123,7 +124,8 @@ def clean_stale_partials(out: Path) -> list[str]:
 
 def scratch_dir(out: Path, kind: str) -> Path:
     """A fresh ``.NAME.PID.XXXX.<kind>`` directory beside ``out`` (mode 0777 minus the umask)."""
-    d = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=f".{kind}", dir=out.parent))
+    with writing(out.parent):
+        d = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=f".{kind}", dir=out.parent))
     d.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; a checkpoint is meant to be shared
     return d
 
@@ -140,13 +142,14 @@ def atomic_dir(out: Path, overwrite: bool = False):
     tmp = scratch_dir(out, "partial")
     try:
         yield tmp
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(out)
+        with writing(out):
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{os.getpid()}")
+                out.rename(old)
+                tmp.rename(out)
+                shutil.rmtree(old)
+            else:
+                tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for p in created:  # innermost first
@@ -177,9 +180,14 @@ class _Shard:
         header += b" " * (-len(header) % 8)
         self.path, self.specs, self.entries = path, specs, entries
         self.base = 8 + len(header)
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
-        os.write(self.fd, len(header).to_bytes(8, "little") + header)
-        os.ftruncate(self.fd, self.base + offset)
+        with writing(path):
+            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            try:
+                os.write(self.fd, len(header).to_bytes(8, "little") + header)
+                os.ftruncate(self.fd, self.base + offset)
+            except OSError:
+                os.close(self.fd)
+                raise
         self.pending = set(specs)
 
     def write(self, name: str, t: torch.Tensor) -> None:
@@ -189,12 +197,16 @@ class _Shard:
         data = memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
         pos, end = self.base + self.entries[name]["data_offsets"][0], len(data)
         done = 0
-        while done < end:
-            done += os.pwrite(self.fd, data[done:], pos + done)
+        with writing(self.path):
+            while done < end:
+                done += os.pwrite(self.fd, data[done:], pos + done)
         self.pending.discard(name)
 
     def close(self) -> None:
-        os.close(self.fd)
+        if self.fd is not None:
+            fd, self.fd = self.fd, None
+            with writing(self.path):
+                os.close(fd)
 
 
 class ShardWriter:
@@ -226,7 +238,8 @@ class ShardWriter:
             raise RuntimeError(f"checkpoint incomplete: {len(missing)} tensors never written, e.g. {missing[:3]}")
         if self.split.is_sharded:
             index = {"metadata": self.split.metadata, "weight_map": self.split.tensor_to_filename}
-            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
+            with writing(self.directory / INDEX_NAME):
+                (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2))
 
     def __enter__(self):
         return self
@@ -234,9 +247,12 @@ class ShardWriter:
     def __exit__(self, exc_type, *_):
         if exc_type is None:
             self.close()
-        else:
+        else:  # the error on its way out is the one to report
             for shard in self.shards.values():
-                shard.close()
+                try:
+                    shard.close()
+                except OutputWriteError:
+                    pass
 
 
 def save_safetensors(state_dict: dict[str, torch.Tensor], directory: Path, max_shard_size: str | None = None,
@@ -251,17 +267,31 @@ def write_metadata(directory: Path, *, config, fmt: SmoothQuantFormat, tokenizer
                    stats: dict[str, torch.Tensor] | None = None, report: dict | None = None) -> None:
     """config.json (with the quantization_config), tokenizer, generation config, and ``smoothquant/``."""
     config.quantization_config = fmt.to_dict()
-    config.save_pretrained(directory)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
-    if generation_config is not None:
-        generation_config.save_pretrained(directory)
-    if stats or report:
-        (directory / STATS_DIR).mkdir()
-        if stats:
-            save_safetensors(stats, directory / STATS_DIR, max_shard_size="1000GB", filename="stats.safetensors")
-        if report:
-            (directory / STATS_DIR / "report.json").write_text(json.dumps(report, indent=2))
+    with writing(directory):
+        config.save_pretrained(directory)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(directory)
+        if generation_config is not None:
+            generation_config.save_pretrained(directory)
+        if stats or report:
+            (directory / STATS_DIR).mkdir()
+            if stats:
+                save_safetensors(stats, directory / STATS_DIR, max_shard_size="1000GB", filename="stats.safetensors")
+            if report:
+                (directory / STATS_DIR / "report.json").write_text(json.dumps(report, indent=2))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never half of it: written beside it, then renamed."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with writing(path):
+            tmp.write_text(text)
+            tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def directory_size(path: Path) -> int:

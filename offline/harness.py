@@ -12,12 +12,14 @@ import logging.config
 import os
 import platform
 import sys
+import weakref
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 Prompt = str | list[int]  # text, or token ids
+_ENGINES: weakref.WeakSet = weakref.WeakSet()  # every LLM make_llm built and that is still alive
 
 
 # ---------------------------------------------------------------- engine
@@ -43,15 +45,30 @@ def make_llm(model: str, quantization: str | None = None, *, log: Path | None = 
     if log is None:
         from vllm import LLM
 
-        return LLM(model=model, **(defaults | engine_args))
+        return _started(LLM(model=model, **(defaults | engine_args)))
     try:
         with _output_to(log):
             from vllm import LLM
 
-            return LLM(model=model, **(defaults | engine_args))
+            return _started(LLM(model=model, **(defaults | engine_args)))
     except Exception:
         print(f"vLLM failed to start; the end of its log ({log}):\n{tail(log)}", file=sys.stderr)
         raise
+
+
+def _started(llm):
+    _ENGINES.add(llm)
+    return llm
+
+
+def stop_engines() -> None:
+    """Shut down the engine processes of every LLM ``make_llm`` built that is still alive (a command that was
+    stopped by a signal: now, not whenever the interpreter exits). vLLM's engine client shutdown is idempotent."""
+    for llm in list(_ENGINES):
+        client = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
+        if client is not None:
+            client.shutdown()
+        _ENGINES.discard(llm)
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from vllm_smoothquant.format import ActivationScheme, Calibration, SmoothQuantFo
 
 from .alpha_search import BlockProbe
 from .calibration import token_windows
+from .disk_space import ACTIVATIONS, SLACK, check_free_space, metadata_bytes, tensor_bytes
 from .experts import check_expert_schemes, kept_modules
 from .export import ShardWriter, atomic_dir, check_output, directory_size, scratch_dir, write_metadata
 from .gptq import gptq_quantize_linears, layer_hessians, output_error
@@ -157,6 +158,20 @@ def output_specs(ckpt: Checkpoint, r: Recipe) -> dict[str, tuple[tuple[int, ...]
             specs.update({f"{r.name(i, r.mapping.attention)}.{w}_scale": (r.kv_scale_shape(), torch.float32)
                           for w in ("k", "v")})
     return specs
+
+
+def expected_writes(ckpt: Checkpoint, r: Recipe, windows: list[list[int]]) -> dict[str, int]:
+    """Bytes the run writes beside OUTPUT_DIR, by what (all there at once near the end), known before any weight
+    is read: the checkpoint's tensors, its tokenizer/config/statistics, and the activations with --offload-activations
+    disk (every batch, plus one being rewritten)."""
+    linears = [lin for layer in ckpt.layers for lin in layer_linears(layer).values()]
+    stats = sum(2 * lin.weight.shape[1] * 4 for lin in linears)  # float32 absmax before/after per input channel
+    need = {"checkpoint tensors": tensor_bytes(output_specs(ckpt, r)),
+            "tokenizer, config and statistics": metadata_bytes(ckpt.path) + stats + SLACK}
+    if r.needs_stats and r.opts.offload_activations == "disk":
+        tokens = sum(len(w) for w in windows) + max(map(len, windows)) * min(r.opts.batch_size, len(windows))
+        need[ACTIVATIONS] = tokens * ckpt.config.hidden_size * r.opts.compute_dtype.itemsize + SLACK
+    return need
 
 
 def copy_non_layer_tensors(ckpt: Checkpoint, writer: ShardWriter, r: Recipe) -> None:
@@ -300,6 +315,7 @@ def quantize(model_dir: str, output_dir: str | Path, calib: str | Path, opts: Qu
         r = plan(ckpt, opts)
         tokenizer, generation = _tokenizer(ckpt.path), _generation_config(ckpt.path)
         windows = token_windows(calib, tokenizer, opts.num_samples, opts.seq_len)  # bad data fails before weights
+        check_free_space(out, expected_writes(ckpt, r, windows))  # a full disk too
         meter, groups, stats = MemoryMeter(opts.device), [], {}
         with atomic_dir(out, overwrite) as tmp:
             with ShardWriter(tmp, output_specs(ckpt, r)) as writer:

@@ -28,6 +28,7 @@ from torch import nn
 
 from vllm_smoothquant.format import ActivationScheme
 
+from .write_errors import writing
 from .quantization import fake_quant_activations
 
 
@@ -49,7 +50,8 @@ class Activations:
         if self.offload == "disk":  # a new file per write: a batch being read may still map the old one
             self._writes += 1
             path = self.directory / f"batch-{self._writes}.safetensors"
-            save_file({"h": t.detach().cpu().contiguous()}, path)
+            with writing(path):
+                save_file({"h": t.detach().cpu().contiguous()}, path)
             return path
         return t.detach().cpu() if self.offload == "cpu" else t.detach()
 

@@ -43,3 +43,17 @@ def test_heldout_text_is_written_once(cache):
     p = assets.heldout_hamlet()
     p.write_text("kept", encoding="utf-8")
     assert assets.heldout_hamlet().read_text(encoding="utf-8") == "kept"
+
+
+def test_an_interrupted_first_write_leaves_nothing(cache, monkeypatch):
+    from vllm_smoothquant.offline.signals import Terminated
+
+    def stopped(*a, **k):
+        raise Terminated(15)
+
+    with monkeypatch.context() as m:
+        m.setattr(type(cache), "replace", stopped)  # the text is written to its temp file, not yet renamed
+        with pytest.raises(Terminated):
+            assets.calibration_text()
+    assert list(cache.iterdir()) == []
+    assert assets.calibration_text().parent == cache
