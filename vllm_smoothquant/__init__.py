@@ -23,6 +23,19 @@ def register() -> None:
     register_quantization_config("smoothquant")(SmoothQuantConfig)
     register_weight_loader_v2_supported_method(SmoothQuantLinearMethod)
     _registered = True
+    _warn_if_untested_vllm()
+
+
+def _warn_if_untested_vllm() -> None:
+    """One warning (not an error) when this vLLM is outside the tested range (``versions.py``)."""
+    import vllm
+
+    from .engine_log import engine_logger
+    from .versions import untested_warning
+
+    message = untested_warning(getattr(vllm, "__version__", ""))
+    if message:
+        engine_logger(__name__).warning(message)
 
 
 __all__ = ["register", "__version__"]
