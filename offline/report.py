@@ -75,6 +75,7 @@ class QuantizeReport:
     peak_cuda_bytes: int | None = None  # peak CUDA allocation (--device cuda)
     loading: str = ""  # how the weights were read (lazily from safetensors, or the whole model in memory)
     activations: str = ""  # where the calibration activations were kept
+    device: str = ""  # where the layers ran (--device, "auto" resolved)
 
 
 def _status_kib(key: str) -> int | None:

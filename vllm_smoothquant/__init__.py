@@ -2,6 +2,7 @@
 
 ``register()`` is the ``vllm.general_plugins`` entry point: vLLM calls it in every
 process that builds a model. Importing this package does no work and does not import vLLM.
+``quantize`` (the offline quantizer's Python API, ``offline/api.py``) is imported on first use.
 """
 
 __version__ = "0.1.0"
@@ -38,4 +39,17 @@ def _warn_if_untested_vllm() -> None:
         engine_logger(__name__).warning(message)
 
 
-__all__ = ["register", "__version__"]
+def __getattr__(name: str):
+    """``vllm_smoothquant.quantize``: the Python API, imported (with torch) only when asked for."""
+    if name == "quantize":
+        from .offline.api import quantize
+
+        return quantize
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), "quantize"])
+
+
+__all__ = ["quantize", "register", "__version__"]
