@@ -66,7 +66,7 @@ def _cli_calls(text: str):
     for line in text.replace("\\\n", " ").splitlines():
         m = re.search(r"(?:^|&&|;|\|)\s*(?:\S*/)?vllm-smoothquant\s+(.*)", line)
         if m:
-            args = shlex.split(m.group(1), comments=True)
+            args = shlex.split(re.sub(r"[\[\]]", " ", m.group(1)), comments=True)  # [--opt] of usage lines
             yield args[0], [a.split("=")[0] for a in args[1:] if a.startswith("--")]
 
 
@@ -78,6 +78,15 @@ def test_readme_commands_exist_in_the_cli():
         assert name in sub, f"README: vllm-smoothquant {name}: no such subcommand"
         known = {o for a in sub[name]._actions for o in a.option_strings}
         assert not set(flags) - known, f"README: vllm-smoothquant {name} {sorted(set(flags) - known)}: no such flag"
+
+
+@pytest.mark.parametrize("md", [d for d in DOCS if d != README], ids=lambda p: p.name)
+def test_docs_commands_exist_in_the_cli(md):
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices
+    for name, flags in (c for block in _code_blocks(md) for c in _cli_calls(block)):
+        assert name in sub, f"{md.name}: vllm-smoothquant {name}: no such subcommand"
+        known = {o for a in sub[name]._actions for o in a.option_strings}
+        assert not set(flags) - known, f"{md.name}: vllm-smoothquant {name} {sorted(set(flags) - known)}: no such flag"
 
 
 def test_readme_python_example_uses_the_api_keywords():
