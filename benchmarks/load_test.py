@@ -49,7 +49,7 @@ def server_command(ckpt: str, port: int, extra: list[str]) -> list[str]:
                                                        "--model", ckpt]
     quant = json.loads((Path(ckpt) / "config.json").read_text()).get("quantization_config", {}).get("quant_method")
     args = ["--quantization", "smoothquant"] if quant == "smoothquant" else []
-    if not torch.cuda.is_available():  # README section 3's CPU settings
+    if not torch.cuda.is_available():  # docs/SERVING.md's CPU settings
         args += ["--dtype", "float32", "--enforce-eager", "--gpu-memory-utilization", "0.3"]
     return head + args + ["--host", "127.0.0.1", "--port", str(port), *extra]
 

@@ -8,5 +8,6 @@ per-expert linears), ``kv_stats`` (fp8 KV-cache scales), ``options`` (QuantizeOp
 layer), ``export`` (atomic safetensors checkpoint, written as it goes), ``report`` (time and
 memory), ``pipeline`` (the steps in order), ``harness`` (the one way to build a
 vLLM engine, read its logprobs, keep its log in a file and record provenance), ``evaluate`` (perplexity
-through vLLM), ``assets`` (the embedded default model and texts), ``cli``.
+through vLLM), ``assets`` (the embedded default model and texts), ``api`` (the Python API: ``quantize`` with
+the CLI's options as keywords), ``cli``.
 """

@@ -1,7 +1,7 @@
 """``vllm-smoothquant``: quantize | eval | convert | inspect | demo.
 
     vllm-smoothquant quantize MODEL_DIR OUTPUT_DIR --calib FILE [--num-samples N] [--seq-len L]
-        [--alpha A] [--no-smooth] [--device cpu|cuda] [--dtype bfloat16|float16] ...
+        [--alpha A] [--no-smooth] [--device auto|cpu|cuda] [--dtype bfloat16|float16] ...
     vllm-smoothquant eval MODEL --text FILE [--quantization smoothquant] [--windows N] [--seq-len L] [--json]
     vllm-smoothquant convert SRC DST [--overwrite]
     vllm-smoothquant inspect CKPT [--plot-dir DIR [--plot-layers 0,5]]
@@ -21,12 +21,6 @@ def _alpha(v: str) -> float | str:
     from .options import parse_alpha  # the one alpha check lives there
 
     return parse_alpha(v)
-
-
-def _override(v: str):
-    from .options import parse_override
-
-    return parse_override(v)
 
 
 def _positive(v: str) -> int:
@@ -98,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--activation-override", action="append", default=[], metavar="MODULE=token|static",
                    help="another activation scheme for modules whose name ends with MODULE, e.g. down_proj=token "
                         "with --activations static (repeatable; fused q/k/v and gate/up must agree)")
-    q.add_argument("--device", default="cpu", help="cpu or cuda")
+    q.add_argument("--device", default="auto",
+                   help="auto (default: cuda when torch sees a CUDA device, else cpu), cpu, cuda or cuda:N")
     q.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16", help="dtype of unquantized parts")
     q.add_argument("--kv-cache", choices=["none", "fp8"], default="none",
                    help="fp8: also calibrate K/V and write fp8 (e4m3) KV-cache scales; vLLM then runs an fp8 KV "
@@ -158,33 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _quantize(args) -> int:
-    from vllm_smoothquant.format import WeightScheme
-
-    from .options import activation_scheme, kv_cache_scheme
-    from .pipeline import QuantizeOptions, quantize
+    from .api import quantize  # the Python API: one definition of the options, by these flags' names
     from .report import gib
 
-    opts = QuantizeOptions(
-        alpha=args.alpha,
-        smooth=not args.no_smooth,
-        groups=tuple(g.strip() for g in args.smooth_groups.split(",") if g.strip()) if args.smooth_groups else None,
-        weights=WeightScheme(strategy=args.weights),
-        activations=activation_scheme(args.activations),
-        activation_overrides=dict(_override(v) for v in args.activation_override),
-        num_samples=args.num_samples,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        device=args.device,
-        dtype=args.dtype,
-        offload_activations=args.offload_activations,
-        kv_cache=kv_cache_scheme(args.kv_cache, args.kv_cache_scales),
-        weight_rounding=args.weight_rounding,
-        gptq_damp=args.gptq_damp,
-        gptq_act_order=args.gptq_act_order,
-        rotate=args.rotate,
-        rotate_block=args.rotate_block,
-    )
-    r = quantize(args.model_dir, args.output_dir, args.calib, opts, overwrite=args.overwrite)
+    options = {k: v for k, v in vars(args).items() if k not in ("command", "model_dir", "output_dir", "calib",
+                                                                 "overwrite")}
+    r = quantize(args.model_dir, args.output_dir, args.calib, overwrite=args.overwrite, **options)
     per_expert = [g for g in r.groups if isinstance(getattr(g, "tokens", None), int)]  # MoE: one expert's up->down
     if r.groups:
         print(f"{'layer':>5} {'group':>8} {'alpha':>5} {'max|X| before':>14} {'after':>10}")
@@ -200,7 +174,7 @@ def _quantize(args) -> int:
     peak = f"peak memory {gib(r.peak_rss_bytes)} GiB RSS"
     if r.peak_cuda_bytes is not None:
         peak += f", {gib(r.peak_cuda_bytes)} GiB CUDA"
-    print(f"wrote {r.output} ({r.output_bytes / 2**20:.1f} MiB) in {r.seconds:.1f} s; {peak}")
+    print(f"wrote {r.output} ({r.output_bytes / 2**20:.1f} MiB) in {r.seconds:.1f} s on {r.device}; {peak}")
     return 0
 
 

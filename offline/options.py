@@ -131,7 +131,7 @@ class QuantizeOptions:
         if self.dtype not in DTYPES:
             raise OptionsError(f"--dtype {self.dtype!r}: use bfloat16 or float16.")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
-            raise OptionsError(f"--device {self.device!r}: use cpu or cuda.")
+            raise OptionsError(f"--device {self.device!r}: use auto, cpu or cuda (cuda:N).")
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise OptionsError("--device cuda but torch sees no CUDA device; use --device cpu.")
         if self.kv_cache is not None and not isinstance(self.kv_cache, KVCacheScheme):

@@ -328,7 +328,8 @@ def quantize(model_dir: str, output_dir: str | Path, calib: str | Path, opts: Qu
                         stats.update(layer_stats)
                     activations = inputs.hidden.description if inputs else "none needed (naive W8A8 per token)"
             report = QuantizeReport(str(out), time.perf_counter() - start, 0, groups, meter.layers, loading=ckpt.how,
-                                    activations=activations, rotation=r.rotation_note, **meter.peaks())
+                                    activations=activations, rotation=r.rotation_note, device=opts.device,
+                                    **meter.peaks())
             ckpt.config.dtype = opts.storage_dtype
             write_metadata(tmp, config=ckpt.config, fmt=_final_format(r, groups, calib, len(windows)),
                            tokenizer=tokenizer, generation_config=generation, stats=stats,
@@ -338,6 +339,7 @@ def quantize(model_dir: str, output_dir: str | Path, calib: str | Path, opts: Qu
 
 def _report_json(report: QuantizeReport, r: Recipe) -> dict:
     return {"groups": [vars(g) for g in report.groups], "smooth_groups": [g.name for g in r.groups],
+            "device": report.device,
             "calibrate_smooth_quantize_seconds": round(report.seconds, 1), "loading": report.loading,
             "activations": report.activations, "rotation": report.rotation, "peak_rss_bytes": report.peak_rss_bytes,
             "peak_cuda_bytes": report.peak_cuda_bytes, "layers": [vars(x) for x in report.layers],

@@ -76,6 +76,7 @@ class QuantizeReport:
     loading: str = ""  # how the weights were read (lazily from safetensors, or the whole model in memory)
     activations: str = ""  # where the calibration activations were kept
     rotation: str = ""  # which linears' inputs are rotated, block size
+    device: str = ""  # where the layers ran (--device, "auto" resolved)
 
 
 def _status_kib(key: str) -> int | None:

@@ -49,7 +49,7 @@ def test_smoothquant_matches_stock_w8a8_and_stays_near_fp16(llama, prompts):
         with open(path, "w") as f:
             json.dump(record, f, indent=2)
     assert same_tokens == PROMPTS
-    assert torch.equal(sq_lp, ct_lp), sq_vs_ct  # bit-identical, as the README says
+    assert torch.equal(sq_lp, ct_lp), sq_vs_ct  # bit-identical, as docs/TESTING.md says
     assert drift < 0.1
 
 
@@ -79,5 +79,5 @@ def test_tensor_parallel_2(llama, prompts):
             json.dump(record, f, indent=2)
     assert set(methods.values()) == {"SmoothQuantLinearMethod"}
     assert tok2 == ct_tok2
-    assert torch.equal(lp2, ct_lp2), (lp2 - ct_lp2).abs().max().item()  # bit-identical, as the README says
+    assert torch.equal(lp2, ct_lp2), (lp2 - ct_lp2).abs().max().item()  # bit-identical, as docs/TESTING.md says
     assert (lp1 - lp2).abs().mean().item() < 0.1

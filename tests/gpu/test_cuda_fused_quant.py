@@ -98,7 +98,7 @@ def test_engine_fused_equals_unfused(arch, request, prompts):
         "max_abs_prompt_logprob_diff": (fused["logprobs"] - plain["logprobs"]).abs().max().item(),
     }
     assert len(fused["fused"]) == 4 * per_layer and plain["fused"] == []
-    if arch == "llama":  # RMSNorm: bit-identical, as the README says
+    if arch == "llama":  # RMSNorm: bit-identical, as docs/TESTING.md says
         assert fused["tokens"] == plain["tokens"]
         assert torch.equal(fused["logprobs"], plain["logprobs"])
     else:  # LayerNorm: measured 7/8 greedy sequences, max |d logprob| 0.0087 on the H100
