@@ -50,6 +50,9 @@ def describe(ckpt: Path) -> str:
         f"  smoothed: {fmt.smoothed}, alpha: {fmt.alpha}, ignore: {list(fmt.ignore)}",
         f"  calibration: {fmt.calibration.source} ({fmt.calibration.num_samples} x {fmt.calibration.seq_len} tokens)",
     ]
+    if fmt.rotation is not None:
+        lines.append(f"  rotation: input of {', '.join(fmt.rotation.targets)} by blockdiag({fmt.rotation.type} "
+                     f"{fmt.rotation.matrix}, {fmt.rotation.block_size}), folded into the weight")
     if fmt.kv_cache is not None:
         lines.append(f"  KV cache: {fmt.kv_cache.dtype}, one scale per "
                      + ("KV head" if fmt.kv_cache.strategy == "head" else "attention layer"))

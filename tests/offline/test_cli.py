@@ -21,13 +21,16 @@ def _quantize(model, out, calib, *extra):
 
 
 @pytest.mark.parametrize("activations", ["token", "static"])
-def test_checkpoint_follows_format_v1(tiny, tmp_path, activations):
+def test_checkpoint_follows_the_format(tiny, tmp_path, activations):
     model, calib = tiny
     out = tmp_path / "ckpt"
     assert _quantize(model, out, calib, "--activations", activations) == 0
     cfg = json.loads((out / "config.json").read_text())
     fmt = SmoothQuantFormat.from_dict(cfg["quantization_config"])
-    assert fmt.smoothed and fmt.alpha == 0.8 and fmt.calibration.num_samples == 4
+    # defaults: alpha auto per token, the family's 0.8 static; down_proj's input rotated (format 3)
+    assert fmt.smoothed and fmt.alpha == ("auto" if activations == "token" else 0.8)
+    assert fmt.calibration.num_samples == 4 and cfg["quantization_config"]["format_version"] == 3
+    assert fmt.rotation.targets == ("mlp.down_proj",) and fmt.rotation.block_size == 64
     sd = load_file(out / "model.safetensors")
     linears = [k[: -len(".weight_scale")] for k in sd if k.endswith(".weight_scale")]
     assert len(linears) == 2 * 7  # 2 layers x (q, k, v, o, gate, up, down)
@@ -140,7 +143,8 @@ def test_inspect_prints_groups_and_writes_plots_only_where_asked(sq_ckpt, tmp_pa
     capsys.readouterr()
     assert main(["inspect", str(sq_ckpt)]) == 0  # no --plot-dir: reads only, writes nothing anywhere
     out = capsys.readouterr().out
-    assert "SmoothQuant format v1" in out and "gate_up" in out and "14 quantized linears" in out
+    assert "SmoothQuant format v3" in out and "gate_up" in out and "14 quantized linears" in out
+    assert "rotation: input of mlp.down_proj by blockdiag(hadamard sylvester, 64)" in out  # the default
     assert "int8 per channel, rounded nearest" in out and "KV cache" not in out
     assert _files(sq_ckpt) == before and not titles
     assert main(["inspect", str(sq_ckpt), "--plot-layers", "0,1", "--plot-dir", str(tmp_path / "p")]) == 0
@@ -296,7 +300,8 @@ def test_convert_of_a_corrupt_config_is_a_clear_error(tmp_path, capsys):
 
 def test_inspect_names_the_kv_cache_scheme(tiny, tmp_path, capsys):
     model, calib = tiny
-    assert _quantize(model, tmp_path / "kv", calib, "--kv-cache", "fp8", "--kv-cache-scales", "head") == 0
+    assert _quantize(model, tmp_path / "kv", calib, "--kv-cache", "fp8", "--kv-cache-scales", "head",
+                     "--rotate", "none") == 0  # format 2: a KV cache, no rotation
     capsys.readouterr()
     assert main(["inspect", str(tmp_path / "kv")]) == 0
     out = capsys.readouterr().out

@@ -57,7 +57,7 @@ def _with(path, value):
 @pytest.mark.parametrize(
     "path, value, match",
     [
-        (("format_version",), 3, "format_version.*reads versions 1 to 2.*upgrade"),
+        (("format_version",), 4, "format_version.*reads versions 1 to 3.*upgrade"),
         (("format_version",), "1", "format_version.*upgrade"),
         (("format_version",), KeyError, "missing the key 'format_version'"),
         (("quant_method",), "gptq", "expected 'smoothquant'"),
