@@ -70,8 +70,9 @@ def rotated_linears(linears: dict[str, nn.Linear], scheme: RotationScheme | None
 
 @torch.no_grad()
 def rotate_weight(w: torch.Tensor, block: int) -> torch.Tensor:
-    """``W R``, computed in float64, in ``w``'s dtype."""
-    return rotate(w.double(), block, hadamard(block, torch.float64, w.device)).to(w.dtype)
+    """``W R`` in ``w``'s dtype, computed in float32 (relative error ~1e-7, far below the int8 step; float64's
+    batched matmul is ~80x slower on the CPU)."""
+    return rotate(w.float(), block, hadamard(block, torch.float32, w.device)).to(w.dtype)
 
 
 def fold_rotation(lin: nn.Linear, block: int) -> None:
