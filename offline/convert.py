@@ -39,6 +39,13 @@ def compressed_tensors_config(fmt: SmoothQuantFormat, kv_heads_per_scale: int | 
             "`convert` writes one compressed-tensors scheme for all linears and cannot express them yet. "
             "Serve it with --quantization smoothquant, or re-quantize without --activation-override."
         )
+    if fmt.rotation is not None:
+        raise FormatError(
+            f"this checkpoint rotates the input of {list(fmt.rotation.targets)} (format 3 'rotation', the default "
+            "since vllm-smoothquant 2026-12-03); `convert` does not write compressed-tensors' transform_config yet, "
+            "and without it stock vLLM would run the rotated weights on unrotated inputs (wrong outputs). Serve it "
+            "with --quantization smoothquant, or re-quantize with --rotate none to convert."
+        )
     static = not fmt.activations.dynamic
     scheme = QuantizationScheme(
         targets=["Linear"],

@@ -65,3 +65,18 @@ def test_convert_writes_kv_cache_scheme_and_keeps_the_scales(tmp_path):
     qc = json.loads((dst / "config.json").read_text())["quantization_config"]
     assert qc["quant_method"] == "compressed-tensors" and qc["kv_cache_scheme"]["strategy"] == "attn_head"
     assert (dst / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
+
+
+def test_a_rotated_checkpoint_is_refused_before_anything_is_written(tmp_path):
+    """compressed-tensors' transform_config is not written yet: stock vLLM must not get rotated weights alone."""
+    from vllm_smoothquant.format import FormatError, RotationScheme
+
+    src, dst = tmp_path / "sq", tmp_path / "ct"
+    src.mkdir()
+    fmt = SmoothQuantFormat(rotation=RotationScheme(targets=("mlp.down_proj",), block_size=64))
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
+                                                 "quantization_config": fmt.to_dict()}))
+    save_file({"x": torch.zeros(1)}, src / "model.safetensors")
+    with pytest.raises(FormatError, match=r"rotates the input of \['mlp.down_proj'\].*re-quantize with --rotate none"):
+        to_compressed_tensors(src, dst)
+    assert not dst.exists()
