@@ -16,6 +16,7 @@ whole blocks when its size is a multiple of ``b``: each rank rotates its own sli
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -28,14 +29,18 @@ def is_power_of_two(n: int) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n > 0 and n & (n - 1) == 0
 
 
-def hadamard(block: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
-    """``H_b``: the orthonormal Sylvester Hadamard matrix of size ``block`` (a power of two)."""
+@functools.lru_cache(maxsize=16)
+def _sylvester(block: int) -> torch.Tensor:
     from compressed_tensors.transform import deterministic_hadamard_matrix
 
+    return deterministic_hadamard_matrix(block, dtype=torch.float64) / math.sqrt(block)  # ~0.5 s for 256: cached
+
+
+def hadamard(block: int, dtype: torch.dtype = torch.float32, device=None) -> torch.Tensor:
+    """``H_b``: the orthonormal Sylvester Hadamard matrix of size ``block`` (a power of two)."""
     if not is_power_of_two(block):
         raise ValueError(f"Hadamard block size {block!r} is not a power of two")
-    h = deterministic_hadamard_matrix(block, dtype=torch.float64) / math.sqrt(block)
-    return h.to(dtype=dtype, device=device)
+    return _sylvester(block).to(dtype=dtype, device=device, copy=True)
 
 
 def rotate(t: torch.Tensor, block: int, h: torch.Tensor | None = None) -> torch.Tensor:
