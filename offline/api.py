@@ -46,6 +46,7 @@ def quantize(
     gptq_act_order: bool = False,
     rotate: Literal["down_proj", "none"] | None = None,
     rotate_block: int | None = None,
+    keep_16bit: Sequence[str] = (),
 ) -> QuantizeReport:
     """Calibrate, smooth and quantize ``model_dir`` (a Hugging Face directory or hub id) into a W8A8 checkpoint.
 
@@ -122,6 +123,7 @@ def build_options(**words: Any) -> QuantizeOptions:
         gptq_act_order=w["gptq_act_order"],
         rotate=w["rotate"],
         rotate_block=w["rotate_block"],
+        keep_16bit=(w["keep_16bit"],) if isinstance(w["keep_16bit"], str) else tuple(w["keep_16bit"]),
     )
 
 

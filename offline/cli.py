@@ -119,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--rotate-block", type=_positive, default=None, metavar="B",
                    help="Hadamard block size, a power of two dividing the MLP's intermediate size and each tensor-"
                         "parallel shard of it (default 256, or the largest power of two <= 256 dividing it)")
+    q.add_argument("--keep-16bit", action="append", default=[], metavar="PATTERN",
+                   help="leave the decoder linears whose full module name matches this shell-style glob in --dtype "
+                        "(e.g. '*.mlp.down_proj', 'model.layers.0.*'; repeatable): written unquantized, listed in "
+                        "the checkpoint's ignore, served by vLLM unquantized; fused q/k/v and gate/up: all or none")
     q.add_argument("--overwrite", action="store_true", help="replace OUTPUT_DIR if it exists")
 
     e = sub.add_parser("eval", help="perplexity of a model on a text, through vLLM")

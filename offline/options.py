@@ -106,6 +106,7 @@ class QuantizeOptions:
     # None: down_proj where the family allows (dense MLPs) and smoothing is on; "down_proj" | "none"
     rotate: str | None = None
     rotate_block: int | None = None  # Hadamard block size (None: 256, or the largest power of two dividing the input)
+    keep_16bit: tuple[str, ...] = ()  # globs over full linear names left in --dtype (offline/keep.py)
 
     def __post_init__(self):
         _check_alpha(self.alpha)
@@ -140,6 +141,8 @@ class QuantizeOptions:
             raise OptionsError(f"--offload-activations {self.offload_activations!r}: use cpu or disk.")
         self._check_rounding()
         self._check_rotation()
+        if not isinstance(self.keep_16bit, tuple) or not all(isinstance(p, str) and p.strip() for p in self.keep_16bit):
+            raise OptionsError(f"--keep-16bit {self.keep_16bit!r}: give module-name patterns, e.g. '*.mlp.down_proj'.")
         if self.offload_activations == "cpu" and self.device == "cpu":
             raise OptionsError("--offload-activations cpu with --device cpu: the activations are in host memory "
                                "already; use --offload-activations disk to keep them out of memory.")

@@ -29,6 +29,7 @@ from .disk_space import ACTIVATIONS, SLACK, check_free_space, metadata_bytes, te
 from .experts import check_expert_schemes, kept_modules
 from .export import ShardWriter, atomic_dir, check_output, directory_size, scratch_dir, write_metadata
 from .gptq import gptq_quantize_linears, layer_hessians, output_error
+from .keep import full_names, groups_for_layer, kept_linears
 from .kv_stats import kv_scale_tensors, record_kv
 from .layer_smoothing import smooth_layer
 from .loading import Checkpoint, open_checkpoint
@@ -77,6 +78,7 @@ class Recipe:
     num_layers: int
     tied_lm_head: bool
     rotation_note: str = ""  # what --rotate does to this model, for the report
+    kept: dict[int, frozenset[str]] = dataclasses.field(default_factory=dict)  # --keep-16bit: layer -> linears
     rounding: list[LinearRounding] = dataclasses.field(default_factory=list, compare=False)  # filled per layer (gptq)
 
     @property
@@ -92,6 +94,14 @@ class Recipe:
 
     def name(self, i: int, local: str = "") -> str:
         return f"{self.mapping.layers}.{i}" + (f".{local}" if local else "")
+
+    def quantized_linears(self, i: int, layer: nn.Module) -> dict[str, nn.Linear]:
+        """Layer i's linears that become int8 (all but those ``--keep-16bit`` keeps)."""
+        kept = self.kept.get(i, frozenset())
+        return {n: m for n, m in layer_linears(layer).items() if n not in kept}
+
+    def groups_for(self, i: int) -> list[SmoothGroup]:
+        return groups_for_layer(self.groups, self.kept[i]) if i in self.kept else self.groups
 
     def schemes(self, i: int, linears) -> dict[str, ActivationScheme]:
         return {n: self.fmt.activations_for(self.name(i, n)) for n in linears}
@@ -120,12 +130,14 @@ def plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Recipe:
     out_proj = first.get(ckpt.mapping.mlp_out) if ckpt.mapping.mlp_out else None
     rotation, note = rotation_scheme(opts.rotate, opts.rotate_block, opts.smooth, ckpt.mapping,
                                      ckpt.config.architectures[0], None if out_proj is None else out_proj.in_features)
+    kept = kept_linears(opts.keep_16bit, ckpt.mapping, n, local)
     fmt = dataclasses.replace(opts.checkpoint_format(), rotation=rotation)
+    fmt = dataclasses.replace(fmt, ignore=fmt.ignore + full_names(kept, ckpt.mapping))
     check_expert_schemes(fmt, ckpt.mapping, n, local)  # MoE experts: dynamic activations only
     fmt = dataclasses.replace(fmt, ignore=fmt.ignore + kept_modules(ckpt.mapping, n))  # MoE routers stay unquantized
     return Recipe(opts, ckpt.mapping, groups, default_alpha(opts, ckpt.mapping) if opts.alpha is None else opts.alpha,
                   attention_heads(ckpt.config), fmt, n,
-                  bool(getattr(ckpt.config, "tie_word_embeddings", False)), note)
+                  bool(getattr(ckpt.config, "tie_word_embeddings", False)), note, kept)
 
 
 def _storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -143,7 +155,7 @@ def output_specs(ckpt: Checkpoint, r: Recipe) -> dict[str, tuple[tuple[int, ...]
     specs = {k: (tuple(v.shape), _storage_dtype(v, dtype)) for k, v in ckpt.model.state_dict().items()
              if not k.startswith(prefix) and not (r.tied_lm_head and k == "lm_head.weight")}
     for i, layer in enumerate(ckpt.layers):
-        linears = layer_linears(layer)
+        linears = r.quantized_linears(i, layer)
         for n, scheme in r.schemes(i, linears).items():
             out = linears[n].weight.shape[0]
             specs[f"{r.name(i, n)}.weight"] = (tuple(linears[n].weight.shape), torch.int8)
@@ -277,11 +289,11 @@ def process_layer(ckpt: Checkpoint, i: int, r: Recipe, inputs: LayerInputs | Non
     """Decoder layer i from start to end: load, calibrate, smooth, rotate, quantize, write, propagate, free.
     Returns its group reports and statistics."""
     layer = to_compute(ckpt.load_layer(i), r.opts.device, r.opts.compute_dtype)
-    linears = layer_linears(layer)
+    linears = r.quantized_linears(i, layer)
     schemes = r.schemes(i, linears)
     blocks = rotated_linears(linears, r.fmt.rotation)
     absmax, samples, probe = calibrate(layer, linears, inputs, i, r)
-    after, reports = smooth_layer(layer, i, r.groups, absmax, r.alpha, r.heads, samples, schemes, r.opts.weights,
+    after, reports = smooth_layer(layer, i, r.groups_for(i), absmax, r.alpha, r.heads, samples, schemes, r.opts.weights,
                                   r.opts.storage_dtype, probe, blocks)
     del probe
     for name, block in blocks.items():

@@ -218,3 +218,23 @@ def test_static_activation_scales_serve(ckpts, tmp_path, override):
     gc.collect()
     diff = _reference_diff(ckpt, got, prompts)
     assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
+
+
+def test_kept_16bit_linears_serve_unquantized(ckpts, tmp_path):
+    """--keep-16bit: the kept down_proj is built by vLLM with its unquantized method, every other decoder linear with
+    SmoothQuant's, and the prompt logprobs match the fake-quant reference (which keeps it in 16 bits too)."""
+    from vllm_smoothquant.linear_method import quant_methods
+
+    src = ckpts["LlamaForCausalLM"].parent / "LlamaForCausalLM"
+    ckpt = _cli_quantize(src, tmp_path / "kept", calib_text(tmp_path / "c.txt"), "--keep-16bit",
+                         "model.layers.1.mlp.down_proj")
+    llm = harness.make_llm(str(ckpt), "smoothquant", **EXACT)
+    methods = llm.apply_model(quant_methods)[0]
+    prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
+    got = harness.prompt_logprobs(llm, prompts)
+    del llm
+    gc.collect()
+    assert methods.pop("model.layers.1.mlp.down_proj") == "UnquantizedLinearMethod"
+    assert {m for n, m in methods.items() if ".layers." in n} == {"SmoothQuantLinearMethod"}
+    diff = _reference_diff(ckpt, got, prompts)
+    assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())

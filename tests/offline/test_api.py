@@ -46,7 +46,8 @@ def test_the_cli_flags_are_the_api_keywords_with_the_same_defaults_and_words():
 def test_python_api_and_cli_write_identical_checkpoints(tiny, tmp_path, capsys):
     model, calib = tiny
     argv = ["--num-samples", "4", "--seq-len", "64", "--alpha", "0.6", "--smooth-groups", "qkv,o,down",
-            "--activations", "static", "--activation-override", "down_proj=token", "--kv-cache", "fp8"]
+            "--activations", "static", "--activation-override", "down_proj=token", "--kv-cache", "fp8",
+            "--rotate-block", "32", "--keep-16bit", "model.layers.1.self_attn.o_proj"]
     assert main(["quantize", str(model), str(tmp_path / "cli"), "--calib", str(calib), *argv]) == 0
     cli_out, cli_err = capsys.readouterr()
 
@@ -54,7 +55,8 @@ def test_python_api_and_cli_write_identical_checkpoints(tiny, tmp_path, capsys):
 
     report = quantize(model, tmp_path / "api", calib, num_samples=4, seq_len=64, alpha=0.6,
                       smooth_groups=["qkv", "o", "down"], activations="static",
-                      activation_override={"down_proj": "token"}, kv_cache="fp8")
+                      activation_override={"down_proj": "token"}, kv_cache="fp8", rotate_block=32,
+                      keep_16bit=["model.layers.1.self_attn.o_proj"])
     api_err = capsys.readouterr().err
     device = "cuda" if torch.cuda.is_available() else "cpu"
     assert report.output == str(tmp_path / "api") and report.device == device and report.layers
