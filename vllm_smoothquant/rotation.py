@@ -75,8 +75,8 @@ class InputRotation(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            # One block per row of a 2-D copy: on an H200 (vLLM 0.26) the kernel gave wrong values for a 3-D
-            # [tokens, blocks, b] input and wrote into its input even with inplace=False (declared out of place,
-            # so torch.compile must not see the input change: the copy takes the write).
-            return self.kernel(x.reshape(-1, self.block).clone(), inplace=False).view(x.shape)
+            # In place on a 2-D copy, as vLLM's newer callers do (clone, then inplace=True). Seen on an H200 with
+            # vLLM 0.26: called with inplace=False the kernel wrote the transform into its input and returned a
+            # tensor that did not hold it (perplexity 1e9 through the engine); the copy keeps `x` untouched.
+            return self.kernel(x.reshape(-1, self.block).clone(), inplace=True).view(x.shape)
         return rotate(x, self.block, self.h.to(x.dtype))
