@@ -23,12 +23,10 @@ import signal
 import statistics
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_bench import _tool  # noqa: E402
+from gpu_bench import _tool, wait_healthy  # noqa: E402
 
 WORKLOADS = {  # name -> (input len, output len, prompts, max concurrency or None)
     "throughput": (1024, 128, 1000, None),
@@ -44,17 +42,9 @@ def _serve(name: str, model: str, port: int, work: Path, extra: list[str]) -> su
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def _wait(servers: dict[str, tuple[subprocess.Popen, int]], timeout: float = 420) -> None:
-    deadline = time.time() + timeout
+def _wait(servers: dict[str, tuple[subprocess.Popen, int]], work: Path) -> None:
     for name, (proc, port) in servers.items():
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if proc.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"vllm serve {name} did not start; see its -serve.log")
-                time.sleep(2)
+        wait_healthy(proc, port, str(work / f"{name}-serve.log"), timeout=420)
 
 
 def _bench(name: str, model: str, port: int, workload: str, rep: int, work: Path) -> dict:
@@ -109,10 +99,10 @@ def main(argv=None) -> int:
     a.work.mkdir(parents=True, exist_ok=True)
     env = provenance()
     servers = {na: (_serve(na, da, 8301, a.work, a.extra), 8301)}
-    _wait(servers)  # one at a time: two engines profiling memory at once would each see the other's allocations
+    _wait(servers, a.work)  # one at a time: two engines profiling memory at once would see each other
     servers[nb] = (_serve(nb, db, 8302, a.work, a.extra), 8302)
     try:
-        _wait(servers)
+        _wait(servers, a.work)
         for rep in range(a.repeats):
             for name, model in ((na, da), (nb, db)) if rep % 2 == 0 else ((nb, db), (na, da)):
                 for w in WORKLOADS:

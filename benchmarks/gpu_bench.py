@@ -258,21 +258,26 @@ def run_suite(shape: str, root: Path, suite: str, rows: Path, work: Path, varian
             raise SystemExit(f"unknown suite {suite!r}")
 
 
+def wait_healthy(server: subprocess.Popen, port: int, log: str, timeout: float = 300) -> None:
+    """Until ``vllm serve`` on ``port`` answers /health; its exit or the timeout is an error naming its log."""
+    deadline = time.time() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            return
+        except OSError:
+            if server.poll() is not None or time.time() > deadline:
+                raise SystemExit(f"vllm serve did not start; see {log}")
+            time.sleep(2)
+
+
 def serve_suite(shape, v, model_dir, work, emit, base, extra, port=8123, rates=("4", "16", "inf")):
     log = open(work / f"{shape}-{v}-serve.log", "w")
     cmd = ["vllm", "serve", str(model_dir), *QUANT_ARG[v], "--port", str(port), *extra]
     print("$ " + " ".join(cmd), flush=True)
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"vllm serve did not start; see {log.name}")
-                time.sleep(2)
+        wait_healthy(server, port, log.name)
         for rate in rates:
             name = f"{shape}-{v}-serve-r{rate}.json"
             bcmd = ["vllm", "bench", "serve", "--backend", "vllm", "--model", str(model_dir), "--port", str(port),

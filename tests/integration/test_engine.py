@@ -56,6 +56,19 @@ def _reference_diff(ckpt: Path, got: list[list[float]], prompts: list[list[int]]
     return torch.cat([torch.tensor(a) - prompt_logprobs(ref_model, p) for a, p in zip(got, prompts)]).abs()
 
 
+def _serve_and_compare(ckpt: Path) -> tuple[dict[str, str], torch.Tensor]:
+    """One fp32 engine for ``ckpt``: every linear's quant method, and |logprob - reference| on two prompts."""
+    from vllm_smoothquant.linear_method import quant_methods
+
+    llm = harness.make_llm(str(ckpt), "smoothquant", **EXACT)
+    methods = llm.apply_model(quant_methods)[0]
+    prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
+    got = harness.prompt_logprobs(llm, prompts)
+    del llm
+    gc.collect()
+    return methods, _reference_diff(ckpt, got, prompts)
+
+
 def test_every_decoder_linear_uses_smoothquant(engine):
     from vllm_smoothquant.linear_method import fused_linears, quant_methods
 
@@ -187,17 +200,9 @@ def test_more_families_serve_with_all_smoothing_pairs(arch, tmp_path):
     """Mistral, Qwen2 (qkv bias), Qwen3 (q/k norms): every pair (incl. v->o, up->down) smoothed by default;
     Phi-3: fused qkv_proj / gate_up_proj in the checkpoint, split into vLLM's fused layers by its loader;
     Gemma: norms with gain 1 + w, folded in bf16 storage exactly (storable_norm_scales)."""
-    from vllm_smoothquant.linear_method import quant_methods
-
     ckpt = _cli_quantize(save_tiny(arch, tmp_path / arch, hidden=128), tmp_path / "sq", calib_text(tmp_path / "c.txt"))
-    llm = harness.make_llm(str(ckpt), "smoothquant", **EXACT)
-    methods = llm.apply_model(quant_methods)[0]
-    prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
-    got = harness.prompt_logprobs(llm, prompts)
-    del llm
-    gc.collect()
+    methods, diff = _serve_and_compare(ckpt)
     assert {m for n, m in methods.items() if ".layers." in n or ".h." in n} == {"SmoothQuantLinearMethod"}
-    diff = _reference_diff(ckpt, got, prompts)
     assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
 
 
@@ -211,30 +216,17 @@ def test_static_activation_scales_serve(ckpts, tmp_path, override):
     sd = load_file(ckpt / "model.safetensors")
     assert "model.layers.0.self_attn.o_proj.input_scale" in sd
     assert ("model.layers.0.mlp.down_proj.input_scale" in sd) == (override is None)
-    llm = harness.make_llm(str(ckpt), "smoothquant", **EXACT)
-    prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
-    got = harness.prompt_logprobs(llm, prompts)
-    del llm
-    gc.collect()
-    diff = _reference_diff(ckpt, got, prompts)
+    _, diff = _serve_and_compare(ckpt)
     assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
 
 
 def test_kept_16bit_linears_serve_unquantized(ckpts, tmp_path):
     """--keep-16bit: the kept down_proj is built by vLLM with its unquantized method, every other decoder linear with
     SmoothQuant's, and the prompt logprobs match the fake-quant reference (which keeps it in 16 bits too)."""
-    from vllm_smoothquant.linear_method import quant_methods
-
     src = ckpts["LlamaForCausalLM"].parent / "LlamaForCausalLM"
     ckpt = _cli_quantize(src, tmp_path / "kept", calib_text(tmp_path / "c.txt"), "--keep-16bit",
                          "model.layers.1.mlp.down_proj")
-    llm = harness.make_llm(str(ckpt), "smoothquant", **EXACT)
-    methods = llm.apply_model(quant_methods)[0]
-    prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
-    got = harness.prompt_logprobs(llm, prompts)
-    del llm
-    gc.collect()
+    methods, diff = _serve_and_compare(ckpt)
     assert methods.pop("model.layers.1.mlp.down_proj") == "UnquantizedLinearMethod"
     assert {m for n, m in methods.items() if ".layers." in n} == {"SmoothQuantLinearMethod"}
-    diff = _reference_diff(ckpt, got, prompts)
     assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
