@@ -25,6 +25,11 @@ ENGINE = dict(max_model_len=256, enforce_eager=True, gpu_memory_utilization=0.1,
 # activations); bf16 activations flip more int8 roundings (Qwen2 all-pairs: mean |d| 0.064, max 0.35).
 EXACT = dict(ENGINE, dtype="float32")
 TOL_MEAN, TOL_MAX = 0.03, 0.15  # measured in fp32: OPT 0.015 / 0.066, Llama 0.011 / 0.053, Qwen2 0.001 / 0.052
+if not torch.cpu._is_avx512_supported():
+    # AVX2 only: oneDNN's int8 GEMM sums u8 x s8 pairs into saturating int16 (benchmarks/cpu_int8_check.py), and a
+    # rotated down_proj input (the default) has more large int8 values; measured here (AMD EPYC, AVX2, 2026-12-03):
+    # Qwen2 all pairs + rotation mean 0.028, max 0.17
+    TOL_MEAN, TOL_MAX = 0.05, 0.3
 
 
 def _cli_quantize(model: Path, out: Path, calib: Path, *extra: str) -> Path:
