@@ -32,16 +32,20 @@ def _generate(llm, tokenizer) -> str:
     return greedy(llm, [text], 32)[0].text.strip()
 
 
-def alpha_summary(groups: list[GroupReport], requested: float | str | None) -> str:
-    """One line on the migration strength a quantize run used: the α, or min/median/max of the searched ones."""
+def alpha_summary(groups: list[GroupReport], requested: float | str | None, used: float | str | None = None) -> str:
+    """One line on the migration strength a quantize run used: the α, or min/median/max of the searched ones.
+    ``requested``: what ``--alpha`` said (None: the default); ``used``: the checkpoint's ``alpha`` (a number or
+    "auto"; None: as requested)."""
     if not groups:
         return "no smoothing"
     alphas = [g.alpha for g in groups]
-    if requested == "auto":
-        return (f"α searched per group ({len(alphas)} groups): min {min(alphas):.2f}, "
+    used = requested if used is None else used
+    which = "default" if requested is None else "given"
+    if used == "auto":
+        return (f"α searched per group ({which}; {len(alphas)} groups): min {min(alphas):.2f}, "
                 f"median {statistics.median(alphas):.2f}, max {max(alphas):.2f}")
-    which = "family default" if requested is None else "given"
-    return f"α = {alphas[0]:g} ({which}) in all {len(alphas)} smoothing groups"
+    return f"α = {alphas[0]:g} ({'family default' if requested is None else 'given'}) in all {len(alphas)} " \
+           "smoothing groups"
 
 
 def run_demo(verbose: bool = False) -> int:
@@ -57,7 +61,9 @@ def run_demo(verbose: bool = False) -> int:
         print(f"== quantize: {name} -> {path}")
         opts = QuantizeOptions(smooth=smooth, num_samples=CALIB_SAMPLES, seq_len=CALIB_LEN)
         r = quantize(str(base), path, calib, opts, overwrite=True)
-        quantized.append({"model": name, "seconds": round(r.seconds, 1), "alpha": alpha_summary(r.groups, opts.alpha)})
+        used = json.loads((path / "config.json").read_text())["quantization_config"].get("alpha")
+        quantized.append({"model": name, "seconds": round(r.seconds, 1),
+                          "alpha": alpha_summary(r.groups, opts.alpha, used)})
         print(f"   {name}: quantized in {r.seconds:.1f} s; {quantized[-1]['alpha']}")
 
     tok = AutoTokenizer.from_pretrained(base)
