@@ -14,6 +14,16 @@ from vllm_smoothquant.offline import harness
 from vllm_smoothquant.offline.signals import Terminated, exit_status, terminate_on
 
 
+SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def _default_signals():
+    """In a child, before exec: the three signals at their default action, whatever the test runner inherited
+    (under ``nohup`` SIGHUP is ignored, in a script's background job SIGINT)."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_DFL)
+
+
 def test_importing_the_cli_installs_no_handler():
     code = ("import signal; before = [signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)]; "
             "import vllm_smoothquant.offline.cli, vllm_smoothquant.offline.pipeline; "
@@ -23,7 +33,17 @@ def test_importing_the_cli_installs_no_handler():
 
 @pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)])
 def test_the_signal_raises_in_the_main_thread_and_the_old_handler_comes_back(sig, status):
+    inherited = signal.getsignal(sig)
+    if inherited is signal.SIG_IGN:  # the runner was started with it ignored (nohup, a background job)
+        signal.signal(sig, signal.SIG_DFL)
     old = signal.getsignal(sig)
+    try:
+        _raise_and_restore(sig, status, old)
+    finally:
+        signal.signal(sig, inherited)
+
+
+def _raise_and_restore(sig, status, old):
     with pytest.raises(Terminated) as e:
         with terminate_on():
             os.kill(os.getpid(), sig)
@@ -47,7 +67,6 @@ def test_a_signal_ignored_on_entry_stays_ignored():
         signal.signal(signal.SIGHUP, old)
 
 
-
 def test_a_second_signal_while_cleaning_up_ends_the_process_at_once():
     code = ("import os, signal, time\n"
             "from vllm_smoothquant.offline.signals import Terminated, terminate_on\n"
@@ -57,7 +76,8 @@ def test_a_second_signal_while_cleaning_up_ends_the_process_at_once():
             "    except Terminated:\n"
             "        os.kill(os.getpid(), signal.SIGHUP); time.sleep(5)\n"
             "raise SystemExit(0)\n")
-    assert subprocess.run([sys.executable, "-c", code], timeout=60).returncode == -signal.SIGHUP
+    run = subprocess.run([sys.executable, "-c", code], timeout=60, preexec_fn=_default_signals)
+    assert run.returncode == -signal.SIGHUP
 
 # ---------------------------------------------------------------- a real quantize run, stopped by a real signal
 @pytest.fixture(scope="module")
@@ -74,7 +94,7 @@ def _run_and_stop(slow, tmp_path, sig) -> tuple[int, str]:
     cmd = [sys.executable, "-m", "vllm_smoothquant.offline.cli", "quantize", str(model), str(tmp_path / "out"),
            "--calib", str(calib), "--num-samples", "64", "--seq-len", "128", "--offload-activations", "disk"]
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # Ctrl-C not ignored
+                         preexec_fn=_default_signals)  # none ignored, whatever the runner inherited
     try:
         deadline = time.monotonic() + 300
         while not list(tmp_path.glob(".out.*.partial")):
