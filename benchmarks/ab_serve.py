@@ -12,6 +12,9 @@ run, and slow drift of the machine lands on both. Per repeat and checkpoint, `vl
 - latency batch 64: 256 prompts, at most 64 in flight, 128 in / 128 out: mean end-to-end latency.
 
 One JSON row per run is appended to ``--rows``; ``--summary`` prints B/A as mean and range over the repeats.
+Device calls are short (the GPU machine's limit is 10 min a command): ``--keep-servers`` leaves both servers
+running (their process groups in ``WORK/servers.json``), and a later call with ``--first-repeat N`` attaches to
+them instead of starting new ones; the last call stops them (without ``--keep-servers``).
 """
 
 from __future__ import annotations
@@ -87,6 +90,8 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=Path, required=True)
     p.add_argument("--work", type=Path, default=Path("/tmp/ab-work"))
     p.add_argument("--summary", action="store_true", help="only print B/A from --rows")
+    p.add_argument("--first-repeat", type=int, default=0, help="number of the first repeat (a later call)")
+    p.add_argument("--keep-servers", action="store_true", help="leave both servers running for a later call")
     p.add_argument("extra", nargs="*", help="engine args for both servers, after --")
     a = p.parse_args(argv)
     (na, da), (nb, db) = (x.split("=", 1) for x in (a.a, a.b))
@@ -98,12 +103,18 @@ def main(argv=None) -> int:
 
     a.work.mkdir(parents=True, exist_ok=True)
     env = provenance()
-    servers = {na: (_serve(na, da, 8301, a.work, a.extra), 8301)}
-    _wait(servers, a.work)  # one at a time: two engines profiling memory at once would see each other
-    servers[nb] = (_serve(nb, db, 8302, a.work, a.extra), 8302)
-    try:
+    pids = a.work / "servers.json"
+    if pids.exists():  # a previous call's servers, still answering
+        servers = {n: (_Attached(pid), port) for n, (pid, port) in json.loads(pids.read_text()).items()}
         _wait(servers, a.work)
-        for rep in range(a.repeats):
+    else:
+        servers = {na: (_serve(na, da, 8301, a.work, a.extra), 8301)}
+        _wait(servers, a.work)  # one at a time: two engines profiling memory at once would see each other
+        servers[nb] = (_serve(nb, db, 8302, a.work, a.extra), 8302)
+        _wait(servers, a.work)
+        pids.write_text(json.dumps({n: (proc.pid, port) for n, (proc, port) in servers.items()}))
+    try:
+        for rep in range(a.first_repeat, a.first_repeat + a.repeats):
             for name, model in ((na, da), (nb, db)) if rep % 2 == 0 else ((nb, db), (na, da)):
                 for w in WORKLOADS:
                     row = {**env, "tool": "vllm bench serve", **_bench(name, model, servers[name][1], w, rep, a.work)}
@@ -112,11 +123,34 @@ def main(argv=None) -> int:
                     print("  " + json.dumps({k: row[k] for k in ("variant", "workload", "repeat", "total_tok_s",
                                                                     "mean_e2el_ms")}), flush=True)
     finally:
-        for proc, _ in servers.values():
-            os.killpg(proc.pid, signal.SIGTERM)
-        for proc, _ in servers.values():
-            proc.wait(timeout=60)
+        if not a.keep_servers:
+            for proc, _ in servers.values():
+                os.killpg(proc.pid, signal.SIGTERM)
+            for proc, _ in servers.values():
+                proc.wait(timeout=60)
+            pids.unlink(missing_ok=True)
     return 0
+
+
+class _Attached:
+    """A server started by an earlier call (its own process group): poll() and wait() as for a Popen."""
+
+    def __init__(self, pid: int):
+        self.pid = pid
+
+    def poll(self):
+        try:
+            os.kill(self.pid, 0)
+            return None
+        except ProcessLookupError:
+            return 1
+
+    def wait(self, timeout: float):
+        import time
+
+        deadline = time.time() + timeout
+        while self.poll() is None and time.time() < deadline:
+            time.sleep(1)
 
 
 if __name__ == "__main__":

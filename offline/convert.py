@@ -10,6 +10,15 @@ Calibrated KV-cache scales (format 2's ``kv_cache``) become compressed-tensors' 
 ``<attention module>.k_scale`` / ``.v_scale``, already carry the names llm-compressor writes and stock vLLM
 maps to its attention layer (``<attention module>.attn``), so stock vLLM's ``CompressedTensorsKVCacheMethod``
 loads them and, with no ``--kv-cache-dtype``, picks an fp8 KV cache as the plugin does.
+
+A rotated checkpoint (format 3 ``rotation``: the MLP output projection's input rotated by blockdiag(H_b)) gets
+compressed-tensors' ``transform_config``: one Hadamard scheme (named ``R4``, SpinQuant's name for this rotation)
+with ``head_dim`` = the block, applied online to the targets' ``input`` and (already folded, as llm-compressor
+records it) to their ``weight_input`` with ``inverse``. Stock vLLM builds a ``HadamardTransform`` module named
+``R4_input`` under each target and loads its matrix from the checkpoint, so ``transforms.safetensors`` holds one
+``<linear>.R4_input.weight`` per rotated linear: the unnormalized Sylvester matrix that compressed-tensors creates
+(its 1/sqrt(b) is applied at run time). Stock vLLM runs it with ``hadacore_transform`` (CUDA only) and refuses
+online transforms at tensor-parallel size > 1; the plugin has neither limit.
 """
 
 from __future__ import annotations
@@ -39,13 +48,6 @@ def compressed_tensors_config(fmt: SmoothQuantFormat, kv_heads_per_scale: int | 
             "`convert` writes one compressed-tensors scheme for all linears and cannot express them yet. "
             "Serve it with --quantization smoothquant, or re-quantize without --activation-override."
         )
-    if fmt.rotation is not None:
-        raise FormatError(
-            f"this checkpoint rotates the input of {list(fmt.rotation.targets)} (format 3 'rotation', the default "
-            "since vllm-smoothquant 2026-12-03); `convert` does not write compressed-tensors' transform_config yet, "
-            "and without it stock vLLM would run the rotated weights on unrotated inputs (wrong outputs). Serve it "
-            "with --quantization smoothquant, or re-quantize with --rotate none to convert."
-        )
     static = not fmt.activations.dynamic
     scheme = QuantizationScheme(
         targets=["Linear"],
@@ -62,8 +64,49 @@ def compressed_tensors_config(fmt: SmoothQuantFormat, kv_heads_per_scale: int | 
     cfg = QuantizationConfig(
         config_groups={"group_0": scheme}, format="int-quantized", ignore=list(fmt.ignore),
         quantization_status="compressed", kv_cache_scheme=kv_cache,
-    )
-    return cfg.model_dump(exclude_none=True)
+    ).model_dump(exclude_none=True)
+    if fmt.rotation is not None:
+        cfg["transform_config"] = transform_config(fmt).model_dump(mode="json")
+    return cfg
+
+
+TRANSFORM = "R4"  # the scheme's name; vLLM names the module under each target f"{TRANSFORM}_input"
+TRANSFORMS_FILE = "transforms.safetensors"
+
+
+def transform_config(fmt: SmoothQuantFormat):
+    """compressed-tensors' ``TransformConfig`` for ``fmt.rotation``: x -> x blockdiag(H_b) online, W -> W H_b^-1
+    folded (H_b symmetric and orthonormal: the same matrix)."""
+    import re
+
+    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+
+    targets = [f"re:.*\\.{re.escape(t)}$" for t in fmt.rotation.targets]
+    scheme = TransformScheme(type="hadamard", head_dim=fmt.rotation.block_size, apply=[
+        TransformArgs(targets=targets, location="input"),
+        TransformArgs(targets=targets, location="weight_input", inverse=True),
+    ])
+    return TransformConfig(config_groups={TRANSFORM: scheme})
+
+
+def _transform_tensors(src: Path, fmt: SmoothQuantFormat) -> dict:
+    """``<linear>.R4_input.weight`` for every rotated linear of the checkpoint (tensor names from the headers)."""
+    import torch
+    from compressed_tensors.transform import deterministic_hadamard_matrix
+    from safetensors import safe_open
+
+    b = fmt.rotation.block_size
+    matrix = deterministic_hadamard_matrix(b, torch.float32)
+    linears = set()
+    for f in sorted(src.glob("*.safetensors")):
+        with safe_open(f, "pt") as st:
+            linears |= {n.removesuffix(".weight") for n in st.keys()
+                        if n.endswith(".weight") and any(n.endswith(f".{t}.weight") for t in fmt.rotation.targets)}
+    if not linears:
+        raise FormatError(f"{src}: quantization_config['rotation'] targets {list(fmt.rotation.targets)}, but no "
+                          "safetensors file holds such a weight; re-create the checkpoint with `vllm-smoothquant "
+                          "quantize`.")
+    return {f"{n}.{TRANSFORM}_input.weight": matrix.clone() for n in sorted(linears)}
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -99,11 +142,21 @@ def to_compressed_tensors(src: str | Path, dst: str | Path, overwrite: bool = Fa
     fmt = SmoothQuantFormat.from_dict(config["quantization_config"])
     heads = _k_scale_size(src) if fmt.kv_cache is not None else None
     config["quantization_config"] = compressed_tensors_config(fmt, heads)
+    transforms = _transform_tensors(src, fmt) if fmt.rotation is not None else {}
+    index = src / "model.safetensors.index.json"
     with atomic_dir(Path(dst), overwrite) as tmp, writing(tmp):  # a full disk: one message, nothing left
         for f in src.iterdir():
-            if f.is_file() and f.name != "config.json":
+            if f.is_file() and f.name != "config.json" and not (transforms and f == index):
                 _link_or_copy(f, tmp / f.name)
             elif f.is_dir() and f.name == STATS_DIR:
                 shutil.copytree(f, tmp / f.name)
+        if transforms:
+            from safetensors.torch import save_file
+
+            save_file(transforms, tmp / TRANSFORMS_FILE, metadata={"format": "pt"})
+            if index.exists():  # vLLM reads only the files the index lists
+                idx = json.loads(index.read_text())
+                idx["weight_map"].update({n: TRANSFORMS_FILE for n in transforms})
+                (tmp / index.name).write_text(json.dumps(idx, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
     return Path(dst).resolve()

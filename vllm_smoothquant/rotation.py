@@ -75,8 +75,14 @@ class InputRotation(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kernel is not None and x.is_cuda and x.dtype in (torch.float16, torch.bfloat16):
-            # In place on a 2-D copy, as vLLM's newer callers do (clone, then inplace=True). Seen on an H200 with
-            # vLLM 0.26: called with inplace=False the kernel wrote the transform into its input and returned a
-            # tensor that did not hold it (perplexity 1e9 through the engine); the copy keeps `x` untouched.
-            return self.kernel(x.reshape(-1, self.block).clone(), inplace=True).view(x.shape)
+            # vLLM's schema is `hadacore_transform(Tensor! x, bool inplace)`: it writes into `x`. Always called with
+            # inplace=True (seen on an H200 with vLLM 0.26: inplace=False returned a tensor that did not hold the
+            # transform; perplexity 1e9 through the engine). Eager: on a copy, so the caller's tensor is untouched.
+            # Under torch.compile (vLLM's default) no copy: functionalization sees the declared mutation and
+            # Inductor writes in place only where the input is dead afterwards (an MLP output projection's input
+            # is), so the copy -- a full read and write of the activations -- is not paid.
+            x2 = x.reshape(-1, self.block)
+            if not torch.compiler.is_compiling():
+                x2 = x2.clone()
+            return self.kernel(x2, inplace=True).view(x.shape)
         return rotate(x, self.block, self.h.to(x.dtype))

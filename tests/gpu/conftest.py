@@ -7,15 +7,13 @@ import torch
 from engines import PROMPT_LEN, PROMPTS
 
 
-def _quantize(arch: str, root, **kw):
+def _quantize(arch: str, root, rotate: str = "none", **kw):
     from tiny_models import calib_text, save_tiny
 
     from vllm_smoothquant.offline.pipeline import QuantizeOptions, quantize
 
     base = save_tiny(arch, root / f"{arch}-base", dtype=torch.float16, hidden=512, layers=4, heads=8, **kw)
-    # unrotated: these checkpoints are compared bit for bit with stock vLLM's W8A8 of the same int8 tensors
-    # (convert refuses rotated ones); the rotation's accuracy on CUDA is measured in docs/ACCURACY.md
-    opts = QuantizeOptions(num_samples=16, seq_len=128, device="cuda", dtype="float16", rotate="none")
+    opts = QuantizeOptions(num_samples=16, seq_len=128, device="cuda", dtype="float16", rotate=rotate)
     return base, quantize(str(base), root / f"{arch}-sq", calib_text(root / "calib.txt"), opts).output
 
 
@@ -32,6 +30,17 @@ def llama(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("llama")
     base, sq = _quantize("LlamaForCausalLM", root, kv_heads=4)
+    return base, sq, to_compressed_tensors(sq, root / "ct")
+
+
+@pytest.fixture(scope="session")
+def llama_rotated(tmp_path_factory):
+    """The same with down_proj's input rotated (the default), and its compressed-tensors conversion
+    (transform_config: stock vLLM's hadacore path)."""
+    from vllm_smoothquant.offline.convert import to_compressed_tensors
+
+    root = tmp_path_factory.mktemp("llama-rot")
+    base, sq = _quantize("LlamaForCausalLM", root, rotate="down_proj", kv_heads=4)
     return base, sq, to_compressed_tensors(sq, root / "ct")
 
 

@@ -53,6 +53,34 @@ def test_smoothquant_matches_stock_w8a8_and_stays_near_fp16(llama, prompts):
     assert drift < 0.1
 
 
+def test_rotated_checkpoint_matches_stock_transforms_and_eager(llama_rotated, prompts):
+    """down_proj's input rotated: the plugin (hadacore in place, no copy under torch.compile) is bit-identical to
+    stock vLLM serving `convert`'s transform_config (hadacore, then the same int8 kernels), and compiled + CUDA
+    graphs agree with eager (the copy path) up to the compiled graph's other fusions."""
+    base, sq, ct = llama_rotated
+    sq_tok, sq_lp, sq_methods = _run(sq, "smoothquant", prompts)
+    ct_tok, ct_lp, ct_methods = _run(ct, None, prompts)
+    eager = run_engine(sq, "smoothquant", prompts, enforce_eager=True)
+    _, fp_lp, _ = _run(base, None, prompts)
+    record = {
+        **harness.provenance(), "prompts": PROMPTS, "prompt_len": PROMPT_LEN,
+        "stock_down_proj_method": next(m for n, m in ct_methods.items() if n.endswith("down_proj")),
+        "greedy_sequences_equal_sq_vs_stock": f"{sum(a == b for a, b in zip(sq_tok, ct_tok))}/{PROMPTS}",
+        "max_abs_prompt_logprob_diff_sq_vs_stock": (sq_lp - ct_lp).abs().max().item(),
+        "max_abs_prompt_logprob_diff_compiled_vs_eager": (sq_lp - eager["logprobs"]).abs().max().item(),
+        "mean_abs_prompt_logprob_diff_sq_vs_fp16": (sq_lp - fp_lp).abs().mean().item(),
+    }
+    print(json.dumps(record, indent=2))
+    if path := os.environ.get("SQ_GPU_ROT_RECORD"):
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2)
+    assert set(sq_methods.values()) == {"SmoothQuantLinearMethod"}
+    assert record["stock_down_proj_method"] == "CompressedTensorsLinearTransformMethod"
+    assert sq_tok == ct_tok and torch.equal(sq_lp, ct_lp), record
+    assert record["max_abs_prompt_logprob_diff_compiled_vs_eager"] < 0.05, record
+    assert record["mean_abs_prompt_logprob_diff_sq_vs_fp16"] < 0.1, record
+
+
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_tensor_parallel_2(llama, prompts):
     """TP=2 shards with vLLM's own loaders: bit-identical to stock W8A8 (compressed-tensors) at TP=2, tokens

@@ -67,16 +67,79 @@ def test_convert_writes_kv_cache_scheme_and_keeps_the_scales(tmp_path):
     assert (dst / "model.safetensors").read_bytes() == (src / "model.safetensors").read_bytes()
 
 
-def test_a_rotated_checkpoint_is_refused_before_anything_is_written(tmp_path):
-    """compressed-tensors' transform_config is not written yet: stock vLLM must not get rotated weights alone."""
-    from vllm_smoothquant.format import FormatError, RotationScheme
+def _rotated_checkpoint(tmp_path, block=64, sharded=False):
+    """A format-3 checkpoint directory whose two layers' down_proj are rotated (headers are all convert reads)."""
+    from vllm_smoothquant.format import RotationScheme
 
-    src, dst = tmp_path / "sq", tmp_path / "ct"
+    src = tmp_path / "sq"
     src.mkdir()
-    fmt = SmoothQuantFormat(rotation=RotationScheme(targets=("mlp.down_proj",), block_size=64))
+    fmt = SmoothQuantFormat(rotation=RotationScheme(targets=("mlp.down_proj",), block_size=block))
     (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"],
                                                  "quantization_config": fmt.to_dict()}))
-    save_file({"x": torch.zeros(1)}, src / "model.safetensors")
-    with pytest.raises(FormatError, match=r"rotates the input of \['mlp.down_proj'\].*re-quantize with --rotate none"):
-        to_compressed_tensors(src, dst)
-    assert not dst.exists()
+    tensors = {f"model.layers.{i}.mlp.{n}.weight": torch.zeros(2, 2 * block, dtype=torch.int8)
+               for i in range(2) for n in ("up_proj", "down_proj")}
+    save_file(tensors, src / "model.safetensors")
+    if sharded:
+        (src / "model.safetensors.index.json").write_text(json.dumps(
+            {"metadata": {}, "weight_map": {n: "model.safetensors" for n in tensors}}))
+    return src
+
+
+@pytest.mark.parametrize("sharded", [False, True], ids=["one-file", "indexed"])
+def test_a_rotated_checkpoint_gets_compressed_tensors_transform_config(tmp_path, sharded):
+    """vLLM's CompressedTensorsConfig parses the transform_config and finds an online `input` Hadamard of head_dim
+    = block on every down_proj (and on nothing else); the matrices it loads are where it looks for them."""
+    from compressed_tensors.transform import deterministic_hadamard_matrix
+    from safetensors.torch import load_file
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors import CompressedTensorsConfig
+    from vllm.model_executor.layers.quantization.compressed_tensors.transform.linear import get_schemes_args
+
+    src, dst = _rotated_checkpoint(tmp_path, sharded=sharded), tmp_path / "ct"
+    to_compressed_tensors(src, dst)
+    qc = json.loads((dst / "config.json").read_text())["quantization_config"]
+    vllm_cfg = CompressedTensorsConfig.from_config(qc)
+    online = [(name, s, a) for name, s, a in get_schemes_args(vllm_cfg.transform_config) if a.is_online()]
+    assert [(name, s.type, s.head_dim, a.location) for name, s, a in online] == [("R4", "hadamard", 64, "input")]
+    from compressed_tensors.utils import is_match
+
+    assert is_match("model.layers.1.mlp.down_proj", torch.nn.Linear(1, 1), online[0][2].targets)
+    assert not is_match("model.layers.1.mlp.up_proj", torch.nn.Linear(1, 1), online[0][2].targets)
+    t = load_file(dst / "transforms.safetensors")
+    assert sorted(t) == [f"model.layers.{i}.mlp.down_proj.R4_input.weight" for i in range(2)]
+    assert all(torch.equal(v, deterministic_hadamard_matrix(64, torch.float32)) for v in t.values())
+    if sharded:  # vLLM loads only what the index lists
+        wm = json.loads((dst / "model.safetensors.index.json").read_text())["weight_map"]
+        assert {wm[n] for n in t} == {"transforms.safetensors"} and len(wm) == 4 + 2
+        assert "R4" not in (src / "model.safetensors.index.json").read_text()  # the source is untouched
+
+
+def test_compressed_tensors_hadamard_transform_is_the_plugins_rotation():
+    """compressed-tensors' own HadamardTransform for this config (what vLLM's dense path and hadacore compute:
+    x @ S_b / sqrt(b) block by block) equals the plugin's and the quantizer's rotation, on the input and, for the
+    folded `weight_input` with inverse, on the weight."""
+    from compressed_tensors.transform import TransformFactory
+
+    from vllm_smoothquant.format import RotationScheme
+    from vllm_smoothquant.offline.convert import transform_config
+    from vllm_smoothquant.rotation import InputRotation, rotate
+
+    cfg = transform_config(SmoothQuantFormat(rotation=RotationScheme(targets=("mlp.down_proj",), block_size=64)))
+    scheme = cfg.config_groups["R4"]
+    linear = torch.nn.Linear(256, 8, bias=False)
+    factory = TransformFactory.from_scheme(scheme, name="R4")
+    x = torch.randn(5, 256, dtype=torch.float64).float()
+    on_input = factory.create_transform(linear, scheme.apply[0])
+    assert torch.allclose(on_input(x), rotate(x, 64), atol=1e-6)
+    assert torch.allclose(on_input(x), InputRotation(64)(x), atol=1e-6)
+    on_weight = factory.create_transform(linear, scheme.apply[1])
+    assert torch.allclose(on_weight(linear.weight.data), rotate(linear.weight.data, 64), atol=1e-6)
+
+
+def test_a_rotated_checkpoint_without_its_targets_is_refused(tmp_path):
+    from vllm_smoothquant.format import FormatError
+
+    src = _rotated_checkpoint(tmp_path)
+    save_file({"model.layers.0.mlp.up_proj.weight": torch.zeros(1)}, src / "model.safetensors")
+    with pytest.raises(FormatError, match=r"targets \['mlp.down_proj'\], but no safetensors file holds"):
+        to_compressed_tensors(src, tmp_path / "ct")
+    assert not (tmp_path / "ct").exists()
