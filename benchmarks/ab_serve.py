@@ -90,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--rows", type=Path, required=True)
     p.add_argument("--work", type=Path, default=Path("/tmp/ab-work"))
     p.add_argument("--summary", action="store_true", help="only print B/A from --rows")
+    p.add_argument("--plot", type=Path, help="with --summary: also draw B/A per workload (mean, range) as a PNG")
     p.add_argument("--first-repeat", type=int, default=0, help="number of the first repeat (a later call)")
     p.add_argument("--keep-servers", action="store_true", help="leave both servers running for a later call")
     p.add_argument("extra", nargs="*", help="engine args for both servers, after --")
@@ -98,6 +99,8 @@ def main(argv=None) -> int:
     if a.summary:
         rows = [json.loads(ln) for ln in a.rows.read_text().splitlines() if ln.strip()]
         print(json.dumps(summary(rows, na, nb), indent=1))
+        if a.plot:
+            plot(rows, na, nb, a.plot)
         return 0
     from vllm_smoothquant.offline.harness import provenance
 
@@ -130,6 +133,35 @@ def main(argv=None) -> int:
                 proc.wait(timeout=60)
             pids.unlink(missing_ok=True)
     return 0
+
+
+def plot(rows: list[dict], a: str, b: str, png: Path) -> None:
+    """B/A per workload: the mean over the repeats as a bar, each repeat as a dot; 1.0 and ±3 % marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = summary(rows, a, b)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for i, w in enumerate(s):
+        ratios = [y / x for x, y in zip(w[a], w[b])]
+        if w["metric"] == "mean_e2el_ms":  # latency: lower is better; plot speed (A/B) so that > 1 is faster
+            ratios = [1 / r for r in ratios]
+        ax.bar(i, statistics.fmean(ratios), color="tab:blue", alpha=0.6)
+        ax.plot([i] * len(ratios), ratios, "ko", ms=4)
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.axhline(0.97, color="tab:red", lw=0.8, ls="--", label="-3 %")
+    ax.set_xticks(range(len(s)), [f"{w['workload']}\n({w['repeats']} repeats)" for w in s])
+    ax.set_ylim(0.85, 1.05)
+    ax.set_ylabel(f"speed of {b} relative to {a}")
+    r0 = rows[0]
+    ax.set_title(f"{b} vs {a}: {r0.get('device')}, vLLM {r0.get('vllm')}, {r0.get('date')} (vllm bench serve)",
+                 fontsize=8)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    print(png)
 
 
 class _Attached:

@@ -1,7 +1,8 @@
 """What the online down_proj rotation costs on a GPU, kernel by kernel (issue 22: "the profile share of the
 Hadamard kernel"), on the Llama-3-8B shape.
 
-    python benchmarks/rotation_cost.py --out rotation-cost.json
+    python benchmarks/rotation_cost.py --out rotation-cost.json       # on the GPU
+    python benchmarks/rotation_cost.py --plot rotation-cost.json      # anywhere: the PNG beside it
 
 Per token count M, each piece runs inside a CUDA graph (as vLLM runs decode), timed with CUDA events over many
 replays (`profile_layer.timed`), all through vLLM's own ops:
@@ -11,8 +12,8 @@ replays (`profile_layer.timed`), all through vLLM's own ops:
   (`torch.compile` of SiLU-and-mul -> rotation -> int8 quant, where the plugin skips the copy) against the same
   compiled function without the rotation.
 
-It also checks that the compiled rotation equals the eager one (int8 values and scales) and that the eager call
-leaves its input untouched. Shares are of the layer's int8 linears (quant + GEMM), not of attention.
+It also checks that the compiled rotation + quant equals the eager one on the same input (int8 values and
+scales) and that the eager call leaves its input untouched. Shares are of the layer's int8 linears (quant + GEMM), not of attention.
 """
 
 from __future__ import annotations
@@ -65,8 +66,11 @@ def measure(tokens: int) -> dict:
         return ops.scaled_int8_quant(rot(F.silu(t[:, :FFN]) * t[:, FFN:]))
 
     c_plain, c_rot = torch.compile(plain, fullgraph=True), torch.compile(rotated, fullgraph=True)
-    q_eager, s_eager, _ = rotated(gu)
-    q_comp, s_comp, _ = c_rot(gu)
+
+    def rotation_quant(t):
+        return ops.scaled_int8_quant(rot(t))
+
+    (q_eager, s_eager, _), (q_comp, s_comp, _) = rotation_quant(x.clone()), torch.compile(rotation_quant)(x.clone())
     r["compiled_equals_eager"] = bool(torch.equal(q_eager, q_comp) and torch.equal(s_eager, s_comp))
     r["act_quant_compiled_us"] = timed(lambda: c_plain(gu))
     r["act_rotation_quant_compiled_us"] = timed(lambda: c_rot(gu))
@@ -78,13 +82,44 @@ def measure(tokens: int) -> dict:
     return r
 
 
+def plot(path: Path) -> Path:
+    """The rotation's time as a share of the layer's int8 linears, eager and compiled, per token count."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    d = json.loads(path.read_text())
+    rows = d["rows"]
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    for mode, style in (("eager", "o--"), ("compiled", "s-")):
+        ax.plot([r["tokens"] for r in rows], [r[f"rotation_{mode}_share_of_linears_pct"] for r in rows], style,
+                label=f"rotation, {mode}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("tokens in the batch (M)")
+    ax.set_ylabel("% of the layer's int8 linears' time")
+    ax.set_title(f"down_proj input rotation (block {d['block']}), {d['shape']}, {d['device']}, vLLM {d['vllm']}, "
+                 f"{d['date']}", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    png = path.with_suffix(".png")
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    return png
+
+
 def main() -> None:
     from vllm_smoothquant.offline.harness import provenance
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True)
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--out", type=Path)
+    g.add_argument("--plot", type=Path, help="draw the PNG of a recorded --out file")
     p.add_argument("--tokens", default="1,64,512,2048,8192")
     a = p.parse_args()
+    if a.plot:
+        print(plot(a.plot))
+        return
     rows = []
     keys = ["tokens", "int8_linears_us", "down_gemm_us", "rotation_eager_us", "rotation_compiled_us",
             "rotation_compiled_share_of_linears_pct", "compiled_equals_eager", "eager_input_untouched"]
@@ -95,6 +130,7 @@ def main() -> None:
                        for k in keys), flush=True)
     a.out.write_text(json.dumps({**provenance(), "command": " ".join(sys.argv), "shape": "llama-3-8b",
                                  "block": BLOCK, "rows": rows}, indent=2))
+    plot(a.out)
 
 
 if __name__ == "__main__":
