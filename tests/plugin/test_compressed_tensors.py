@@ -210,3 +210,18 @@ def test_vllm_picks_the_plugin_only_when_asked(ct_dir, asked):
         assert quant.fmt.activations == STATIC and quant.fmt.compressed_tensors
     assert json.loads((ct_dir / "config.json").read_text())["quantization_config"]["quant_method"] == \
         "compressed-tensors"
+
+
+def test_a_refused_scheme_fails_vllms_engine_config_with_the_named_error(ct_dir, tmp_path):
+    """What ``vllm serve CKPT --quantization smoothquant`` builds first (before any engine process): the error
+    arrives with its type and message, not buried in pydantic's ValidationError."""
+    import vllm_smoothquant
+    from vllm.engine.arg_utils import EngineArgs
+
+    vllm_smoothquant.register()
+    cfg = llmcompressor_w8a8()
+    cfg["config_groups"]["group_0"]["weights"]["num_bits"] = 4
+    int4 = with_quantization_config(ct_dir, tmp_path / "int4", cfg)
+    with pytest.raises(CompressedTensorsError, match=r"\['weights'\]\['num_bits'\] = 4: .* without --quantization"):
+        EngineArgs(model=str(int4), quantization="smoothquant", max_model_len=256,
+                   enforce_eager=True).create_engine_config()
