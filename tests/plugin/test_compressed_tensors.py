@@ -225,3 +225,16 @@ def test_a_refused_scheme_fails_vllms_engine_config_with_the_named_error(ct_dir,
     with pytest.raises(CompressedTensorsError, match=r"\['weights'\]\['num_bits'\] = 4: .* without --quantization"):
         EngineArgs(model=str(int4), quantization="smoothquant", max_model_len=256,
                    enforce_eager=True).create_engine_config()
+
+
+@pytest.mark.parametrize("name", ["llama", "mixtral", "qwen3moe"])
+def test_configs_llmcompressor_wrote(name):
+    """The quantization_config llm-compressor 0.14.0.1 (compressed-tensors 0.19.0) itself wrote for the W8A8 preset
+    (``benchmarks/llmc_serve_check.py make``, tests/data/): the native scheme, its routers ignored by name."""
+    from pathlib import Path
+
+    cfg = json.loads((Path(__file__).parents[1] / "data" / f"llmcompressor-0.14.0.1-w8a8-{name}.json").read_text())
+    fmt = to_format(cfg)
+    assert _serving(fmt) == _serving(SmoothQuantFormat()) and fmt.is_ignored("lm_head")
+    router = {"llama": None, "mixtral": "model.layers.1.block_sparse_moe.gate", "qwen3moe": "model.layers.1.mlp.gate"}
+    assert router[name] is None or fmt.is_ignored(router[name])
