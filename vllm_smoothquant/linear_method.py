@@ -35,10 +35,10 @@ from .checkpoint import CheckpointTensorError
 from .format import ActivationScheme, SmoothQuantFormat
 from .rotation import InputRotation
 
+_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' names
 # Load formats whose loader feeds checkpoint tensors through the model's ``load_weights`` (so through the
 # loaders below), in vLLM 0.26 and 0.32 alike. Others (dummy, sharded_state, tensorizer, plugins) fill
 # parameters by other means: there a shard no loader received is not missing.
-_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' names
 _LOADER_FORMATS = frozenset(
     {"auto", "hf", "safetensors", "fastsafetensors", "instanttensor", "mistral", "npcache", "pt", "runai_streamer"}
 )
