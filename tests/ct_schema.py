@@ -5,7 +5,8 @@ What llm-compressor's ``W8A8`` preset (``QuantizationModifier`` / ``GPTQModifier
 ``format``, empty ``sparsity_config`` / ``transform_config``); static activations are the ``W8A8`` preset with
 ``input_activations: {strategy: tensor, dynamic: false}``; its MoE examples add ``re:.*mlp.gate$`` (Qwen3-MoE) /
 ``re:.*block_sparse_moe.gate$`` (Mixtral) to ``ignore``. Written by hand here, so the CI needs no llm-compressor (it
-needs its own venv); what llm-compressor 0.14.0.1 itself wrote is in ``tests/data/`` (``benchmarks/llmc_serve_check.py``).
+needs its own venv); what llm-compressor 0.14.0.1 itself wrote is in ``tests/data/``
+(``benchmarks/llmc_serve_check.py``).
 """
 
 from __future__ import annotations
