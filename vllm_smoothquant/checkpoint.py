@@ -7,7 +7,8 @@ and fails, naming the file or the checkpoint tensor and the fix, on
 - a file that is not valid safetensors (truncated, corrupt) or that the index lists and is absent;
 - a tensor the format declares for a quantized module and the checkpoint lacks: ``<m>.weight``
   int8 [out, in], ``<m>.weight_scale`` float32 [out, 1] ("channel") or [1] ("tensor"), and
-  ``<m>.input_scale`` float32 [1] exactly when ``<m>``'s activations are static (``format.py``);
+  ``<m>.input_scale`` float32 [1] exactly when ``<m>``'s activations are static (``format.py``; a
+  compressed-tensors checkpoint's scales may also be bf16 / fp16, ``SmoothQuantFormat.scale_dtypes``);
   a module is quantized when it has an int8 weight or one of these scales;
 - a tensor the format does not expect: an ``input_scale`` of a dynamic module, scales of a module
   whose weight is not int8 or that ``ignore`` keeps unquantized, another method's quantization
@@ -41,6 +42,8 @@ from .format import SmoothQuantFormat
 logger = logging.getLogger(__name__)
 
 FIX = "re-create the checkpoint with `vllm-smoothquant quantize` (int8 weight [out, in], float32 scales)"
+CT_FIX = ("this compressed-tensors checkpoint holds tensors vllm-smoothquant does not run (it serves int8 weights "
+          "with float scales); serve it without --quantization smoothquant, or re-create it")
 INDEX = "model.safetensors.index.json"
 DECLARED = ("weight", "weight_scale", "input_scale")
 # Quantization tensors of other methods (compressed-tensors asymmetric/fp4, GPTQ, AWQ, bitsandbytes, fp8 blocks).
@@ -128,13 +131,12 @@ def find_problems(fmt: SmoothQuantFormat, tensors: Mapping[str, TensorInfo]) -> 
         elif leaf in FOREIGN:
             problems.append(f"{name}: not a tensor of the SmoothQuant format (another quantization method's "
                             f"{leaf!r}); this checkpoint was made by another tool or edited")
-    ignored = set(fmt.ignore)
     for module, have in sorted(modules.items()):
         weight = have.get("weight")
         scales = [t for t in ("weight_scale", "input_scale") if t in have]
         if not scales and (weight is None or weight.dtype != "I8"):
             continue  # an unquantized module (norm, embedding, lm_head): not the format's business
-        if module in ignored:
+        if fmt.is_ignored(module):
             int8 = weight is not None and weight.dtype == "I8"
             names = [f"{module}.{t}" for t in (["weight"] if int8 else []) + scales]
             problems.append(f"{', '.join(names)}: unexpected: quantization_config.ignore keeps {module} unquantized "
@@ -164,8 +166,9 @@ def _shape_problems(fmt: SmoothQuantFormat, module: str, have: dict[str, TensorI
     if weight is not None and len(weight.shape) != 2:
         out.append(f"{module}.weight: shape {list(weight.shape)}, the format declares [out, in]")
     for name, info in (("weight_scale", scale), ("input_scale", act)):
-        if info is not None and info.dtype != "F32":
-            out.append(f"{module}.{name}: dtype {info.dtype}, the format declares float32 (F32)")
+        if info is not None and info.dtype not in fmt.scale_dtypes:
+            declared = "float32 (F32)" if fmt.scale_dtypes == ("F32",) else f"one of {', '.join(fmt.scale_dtypes)}"
+            out.append(f"{module}.{name}: dtype {info.dtype}, the format declares {declared}")
     if scale is not None:
         channel = fmt.weights.strategy == "channel"
         rows = weight.shape[0] if weight is not None and len(weight.shape) == 2 else None
@@ -216,7 +219,9 @@ def check_checkpoint(model: str, fmt: SmoothQuantFormat, hf_config=None) -> None
     if problems:
         listed = "\n".join(f"  - {p}" for p in problems[:MAX_LISTED])
         more = f"\n  ... and {len(problems) - MAX_LISTED} more" if len(problems) > MAX_LISTED else ""
+        kind, fix = (("compressed-tensors checkpoint", CT_FIX) if fmt.compressed_tensors else
+                     ("SmoothQuant checkpoint", FIX))
         raise CheckpointTensorError(
-            f"SmoothQuant checkpoint {model_dir} does not match its quantization_config, found "
-            f"before loading any weight:\n{listed}{more}\nFix: {FIX}."
+            f"{kind} {model_dir} does not match its quantization_config, found "
+            f"before loading any weight:\n{listed}{more}\nFix: {fix}."
         )

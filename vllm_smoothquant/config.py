@@ -1,4 +1,5 @@
-"""vLLM ``QuantizationConfig`` for SmoothQuant W8A8 checkpoints (``quant_method: smoothquant``)."""
+"""vLLM ``QuantizationConfig`` for SmoothQuant W8A8 checkpoints (``quant_method: smoothquant``), and for
+compressed-tensors int8 W8A8 checkpoints served with ``--quantization smoothquant`` (``compressed_tensors.py``)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from typing import Any
 import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
-from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
 
 from .format import QUANT_METHOD, ActivationScheme, FormatError, SmoothQuantFormat
 
@@ -48,6 +48,10 @@ class SmoothQuantConfig(QuantizationConfig):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "SmoothQuantConfig":
+        from .compressed_tensors import is_compressed_tensors, to_format
+
+        if is_compressed_tensors(config):  # only reached with --quantization smoothquant (see below)
+            return cls(to_format(config))
         return cls(SmoothQuantFormat.from_dict(config))
 
     def maybe_update_config(self, model_name: str, hf_config=None, revision=None) -> None:
@@ -59,10 +63,18 @@ class SmoothQuantConfig(QuantizationConfig):
 
     @classmethod
     def override_quantization_method(cls, hf_quant_cfg, user_quant, hf_config=None):
-        """Pick ``smoothquant`` for SmoothQuant checkpoints even without ``--quantization``."""
+        """Pick ``smoothquant`` for SmoothQuant checkpoints even without ``--quantization``, and for
+        compressed-tensors checkpoints only when the user asked for it: vLLM 0.26 and 0.32 (``ModelConfig.
+        _verify_quantization``) ask every registered method, custom ones before vLLM's own overrides, and
+        otherwise refuse a ``--quantization`` that differs from config.json's ``quant_method``. Without the flag a
+        compressed-tensors checkpoint stays stock vLLM's. Its config is validated by ``from_config``."""
+        from .compressed_tensors import is_compressed_tensors
+
         if isinstance(hf_quant_cfg, dict) and hf_quant_cfg.get("quant_method") == QUANT_METHOD:
             if user_quant in (None, QUANT_METHOD):
                 return QUANT_METHOD
+        if user_quant == QUANT_METHOD and is_compressed_tensors(hf_quant_cfg):
+            return QUANT_METHOD
         return None
 
     @property
@@ -86,14 +98,43 @@ class SmoothQuantConfig(QuantizationConfig):
         if isinstance(layer, RoutedExperts):
             from .moe_method import moe_method
 
+            self.check_experts_quantized(prefix)
             return moe_method(self.fmt, layer, prefix)  # int8 experts through vLLM's fused-MoE kernels
         if not isinstance(layer, LinearBase):
             return None  # embeddings, lm_head, norms stay in the model dtype
-        if is_layer_skipped(prefix, list(self.fmt.ignore), self.packed_modules_mapping):
+        if self.is_skipped(prefix):
             return UnquantizedLinearMethod()
         from .linear_method import SmoothQuantLinearMethod
 
         return SmoothQuantLinearMethod(self.fmt, prefix, self.activations_for(prefix), self.rotation_for(prefix))
+
+    def is_skipped(self, prefix: str) -> bool:
+        """``ignore`` keeps the layer unquantized (names or compressed-tensors' ``re:`` patterns, ``format.py``);
+        the shards of a fused layer (qkv_proj = q, k, v) must agree, or the fused name itself is listed."""
+        if not self.fmt.ignore:
+            return False
+        if self.fmt.is_ignored(prefix):
+            return True
+        parent, _, leaf = prefix.rpartition(".")
+        shards = self.packed_modules_mapping.get(leaf) or [leaf]
+        names = [f"{parent}.{s}" if parent else s for s in shards]
+        ignored = {n: self.fmt.is_ignored(n) for n in names}
+        if len(set(ignored.values())) > 1:
+            raise FormatError(
+                f"{prefix}: vLLM runs {', '.join(shards)} as one fused layer, but quantization_config['ignore'] keeps "
+                f"only {', '.join(n for n, i in ignored.items() if i)} unquantized; list all of them or none."
+            )
+        return all(ignored.values())
+
+    def check_experts_quantized(self, prefix: str) -> None:
+        """MoE experts always run int8 here: an ``ignore`` entry naming them (or expert 0's linears) is refused."""
+        probes = [prefix] + [f"{prefix}.0.{w}" for w in ("w1", "w2", "w3", "gate_proj", "up_proj", "down_proj")]
+        hit = next((p for p in probes if self.fmt.is_ignored(p)), None)
+        if hit is not None:
+            fix = ("serve this checkpoint without --quantization smoothquant" if self.fmt.compressed_tensors else
+                   "re-quantize without keeping the experts in 16 bits")
+            raise FormatError(f"{prefix}: quantization_config['ignore'] keeps {hit} unquantized, but vllm-smoothquant "
+                              f"runs MoE experts in int8 only; {fix}.")
 
     def rotation_for(self, prefix: str) -> int | None:
         """The Hadamard block of the layer's input rotation (format 3 ``rotation``), or None. A fused layer's shards

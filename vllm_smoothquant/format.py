@@ -54,12 +54,14 @@ vLLM loads ``<attn>.k_scale`` as the scale of the attention layer ``<attn>.attn`
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .rotation import HADAMARD, MATRIX, is_power_of_two
 
 QUANT_METHOD = "smoothquant"
+COMPRESSED_TENSORS = "compressed-tensors"  # a compressed-tensors int8 checkpoint, translated (compressed_tensors.py)
 FORMAT_VERSION = 3  # the newest version this code reads and writes; each checkpoint gets the oldest that holds it
 KV_CACHE_FORMAT_VERSION = 2  # the first version with kv_cache
 ROTATION_FORMAT_VERSION = 3  # the first version with rotation
@@ -212,6 +214,12 @@ def _matches(module: str, key: str) -> bool:
     return module == key or module.endswith("." + key)
 
 
+def matches_ignore(module: str, entry: str) -> bool:
+    """An ``ignore`` entry names ``module``: the exact dotted name, or ``re:PATTERN`` matched at the start of the
+    name (``re.match``), as compressed-tensors and vLLM's compressed-tensors support read ``ignore``."""
+    return bool(re.match(entry[3:], module)) if entry.startswith("re:") else module == entry
+
+
 @dataclass(frozen=True)
 class Calibration:
     source: str = ""
@@ -234,7 +242,23 @@ class SmoothQuantFormat:
     kv_cache: KVCacheScheme | None = None  # None: the KV cache is not calibrated (16-bit, or fp8 with scale 1.0)
     weight_rounding: str = "nearest"  # optional (absent: nearest); informational, same tensors and meaning
     rotation: RotationScheme | None = None  # None: no linear's input is rotated
-    quant_method: str = QUANT_METHOD
+    quant_method: str = QUANT_METHOD  # COMPRESSED_TENSORS: translated from a compressed-tensors config, not written
+
+    @property
+    def compressed_tensors(self) -> bool:
+        """Translated from a compressed-tensors checkpoint's config (``compressed_tensors.py``)."""
+        return self.quant_method == COMPRESSED_TENSORS
+
+    @property
+    def scale_dtypes(self) -> tuple[str, ...]:
+        """safetensors dtypes accepted for weight / input / KV-cache scales. This format writes float32;
+        compressed-tensors writes them in the model's dtype by default (llm-compressor: bf16 / fp16), which
+        widen to float32 exactly, as stock vLLM loads them."""
+        return ("F32", "BF16", "F16") if self.compressed_tensors else ("F32",)
+
+    def is_ignored(self, module: str) -> bool:
+        """``module`` (a dotted checkpoint name) is kept unquantized by ``ignore``."""
+        return any(matches_ignore(module, entry) for entry in self.ignore)
 
     @property
     def format_version(self) -> int:
@@ -308,6 +332,9 @@ class SmoothQuantFormat:
         return self.activation_overrides[max(keys, key=len)] if keys else self.activations
 
     def to_dict(self) -> dict[str, Any]:
+        if self.compressed_tensors:
+            raise FormatError("a config translated from compressed-tensors is served, never written as a "
+                              "SmoothQuant config; quantize the model with `vllm-smoothquant quantize` instead.")
         d = asdict(self)
         d["ignore"] = list(self.ignore)
         if d["kv_cache"] is None:

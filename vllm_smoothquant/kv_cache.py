@@ -166,11 +166,12 @@ class SmoothQuantKVCacheMethod(BaseKVCacheMethod):
         def load(param: torch.nn.Parameter, loaded: torch.Tensor) -> None:
             if self.fmt.kv_cache is None:
                 return  # not declared by quantization_config: not this format's scale, not used
-            if loaded.dtype != torch.float32 or loaded.numel() != want:
+            dtypes = (torch.float32, torch.bfloat16, torch.float16) if self.fmt.compressed_tensors else (torch.float32,)
+            if loaded.dtype not in dtypes or loaded.numel() != want:
                 raise CheckpointTensorError(
                     f"{name}: checkpoint tensor has dtype {loaded.dtype} and shape {list(loaded.shape)}; "
-                    f"quantization_config.kv_cache (strategy {self.fmt.kv_cache.strategy!r}) declares float32 "
-                    f"[{want}]; {_FIX}."
+                    f"quantization_config.kv_cache (strategy {self.fmt.kv_cache.strategy!r}) declares "
+                    f"{' or '.join(map(str, dtypes))} [{want}]; {_FIX}."
                 )
             if not bool((torch.isfinite(loaded) & (loaded > 0)).all()):
                 raise CheckpointTensorError(

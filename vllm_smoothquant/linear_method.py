@@ -35,6 +35,7 @@ from .checkpoint import CheckpointTensorError
 from .format import ActivationScheme, SmoothQuantFormat
 from .rotation import InputRotation
 
+_TORCH_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}  # safetensors' names
 # Load formats whose loader feeds checkpoint tensors through the model's ``load_weights`` (so through the
 # loaders below), in vLLM 0.26 and 0.32 alike. Others (dummy, sharded_state, tensorizer, plugins) fill
 # parameters by other means: there a shard no loader received is not missing.
@@ -113,6 +114,7 @@ class SmoothQuantLinearMethod(LinearMethodBase):
         if self.rotation_block is not None:
             self.rotation = self._input_rotation(input_size_per_partition, input_size)
         channelwise = self.fmt.weights.strategy == "channel"
+        scale_dtypes = tuple(_TORCH_DTYPES[d] for d in self.fmt.scale_dtypes)  # widened to float32 by vLLM's loader
         static = not self.activations.dynamic
         layer.logical_widths = output_partition_sizes
         self.kernel = init_int8_linear_kernel(
@@ -140,7 +142,7 @@ class SmoothQuantLinearMethod(LinearMethodBase):
             data=torch.empty(rows, input_size_per_partition, dtype=torch.int8),
             input_dim=1,
             output_dim=0,
-            weight_loader=self._checked(layer, loader, "weight", torch.int8, (None, input_size)),
+            weight_loader=self._checked(layer, loader, "weight", (torch.int8,), (None, input_size)),
         )
         layer.register_parameter("weight", weight)
 
@@ -149,12 +151,12 @@ class SmoothQuantLinearMethod(LinearMethodBase):
             weight_scale = ChannelQuantScaleParameter(
                 data=torch.full((rows, 1), float("nan"), dtype=torch.float32),
                 output_dim=0,
-                weight_loader=self._checked(layer, loader, "weight_scale", torch.float32, (None, 1)),
+                weight_loader=self._checked(layer, loader, "weight_scale", scale_dtypes, (None, 1)),
             )
         else:
             weight_scale = PerTensorScaleParameter(
                 data=torch.full((len(output_partition_sizes),), float("nan"), dtype=torch.float32),
-                weight_loader=self._checked(layer, loader, "weight_scale", torch.float32, (1,)),
+                weight_loader=self._checked(layer, loader, "weight_scale", scale_dtypes, (1,)),
             )
         layer.register_parameter("weight_scale", weight_scale)
 
@@ -162,7 +164,7 @@ class SmoothQuantLinearMethod(LinearMethodBase):
         if static:
             input_scale = BasevLLMParameter(
                 data=torch.full((1,), float("nan"), dtype=torch.float32),
-                weight_loader=self._checked(layer, loader, "input_scale", torch.float32, (1,)),
+                weight_loader=self._checked(layer, loader, "input_scale", scale_dtypes, (1,)),
             )
         layer.register_parameter("input_scale", input_scale)
         layer.register_parameter("input_zero_point", None)
@@ -192,7 +194,7 @@ class SmoothQuantLinearMethod(LinearMethodBase):
             return f"{self.checkpoint_names[shard]}.{param} (vLLM: {vllm_name}, shard {shard!r})"
         return f"{vllm_name} (shard {shard!r})"
 
-    def _checked(self, layer: torch.nn.Module, loader: Callable, param: str, dtype: torch.dtype,
+    def _checked(self, layer: torch.nn.Module, loader: Callable, param: str, dtypes: tuple[torch.dtype, ...],
                  shape: tuple[int | None, ...]) -> Callable:
         """Wrap vLLM's loader: dtype and shape checked (a None row count: the rows vLLM's layer expects for
         the shard), then the shard recorded as received."""
@@ -201,10 +203,10 @@ class SmoothQuantLinearMethod(LinearMethodBase):
         def load(p, loaded_weight: torch.Tensor, *args, **kwargs):
             shard = args[0] if args else kwargs.get("loaded_shard_id")
             where = self.describe(param, shard)
-            if loaded_weight.dtype != dtype:
+            if loaded_weight.dtype not in dtypes:
                 raise CheckpointTensorError(
                     f"{where}: checkpoint tensor has dtype {loaded_weight.dtype}, the SmoothQuant format "
-                    f"declares {dtype}; {_FIX}."
+                    f"declares {' or '.join(map(str, dtypes))}; {_FIX}."
                 )
             want = tuple(checkpoint_rows(layer, shard) if d is None else d for d in shape)
             got = tuple(loaded_weight.shape)

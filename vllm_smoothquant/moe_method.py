@@ -56,18 +56,23 @@ def _quant_args():
     return weights, activations
 
 
+_CT_FIX = "Serve this compressed-tensors checkpoint without --quantization smoothquant."
+
+
 def check_moe_format(fmt: SmoothQuantFormat, prefix: str) -> None:
     """The schemes vLLM's int8 MoE kernels run: per-channel weights, dynamic per-token activations."""
     if fmt.weights.strategy != "channel":
+        key = "config_groups.*.weights.strategy" if fmt.compressed_tensors else "weights.strategy"
         raise FormatError(
-            f"{prefix}: MoE experts with per-tensor weight scales (weights.strategy 'tensor'); vLLM's int8 MoE "
-            "kernels take per-channel scales. Re-create the checkpoint with `vllm-smoothquant quantize --weights "
-            "channel`.")
+            f"{prefix}: MoE experts with per-tensor weight scales ({key} 'tensor'); vLLM's int8 MoE "
+            "kernels take per-channel scales. " + (_CT_FIX if fmt.compressed_tensors else "Re-create the checkpoint "
+                                                  "with `vllm-smoothquant quantize --weights channel`."))
     if not fmt.activations_for(prefix).dynamic:
         raise FormatError(
             f"{prefix}: static (calibrated) activation scales for MoE experts; vLLM's int8 MoE kernels quantize "
-            "expert inputs dynamically per token only. Re-create the checkpoint with `--activations token` (static "
-            "scales may stay on attention through --activation-override).")
+            "expert inputs dynamically per token only. " + (
+                _CT_FIX if fmt.compressed_tensors else "Re-create the checkpoint with `--activations token` (static "
+                "scales may stay on attention through --activation-override)."))
 
 
 def _make_classes():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import json
 import shutil
 import subprocess
 import sys
@@ -61,17 +62,26 @@ def _reference_diff(ckpt: Path, got: list[list[float]], prompts: list[list[int]]
     return torch.cat([torch.tensor(a) - prompt_logprobs(ref_model, p) for a, p in zip(got, prompts)]).abs()
 
 
-def _serve_and_compare(ckpt: Path) -> tuple[dict[str, str], torch.Tensor]:
-    """One fp32 engine for ``ckpt``: every linear's quant method, and |logprob - reference| on two prompts."""
+PROMPTS = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
+
+
+def _serve(ckpt: Path) -> tuple[dict[str, str], list[list[float]]]:
+    """One fp32 engine for ``ckpt`` (``--quantization smoothquant``): every linear's quant method, and the prompt
+    logprobs of PROMPTS."""
     from vllm_smoothquant.linear_method import quant_methods
 
     llm = harness.make_llm(str(ckpt), "smoothquant", **EXACT)
     methods = llm.apply_model(quant_methods)[0]
-    prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
-    got = harness.prompt_logprobs(llm, prompts)
+    got = harness.prompt_logprobs(llm, PROMPTS)
     del llm
     gc.collect()
-    return methods, _reference_diff(ckpt, got, prompts)
+    return methods, got
+
+
+def _serve_and_compare(ckpt: Path) -> tuple[dict[str, str], torch.Tensor]:
+    """One fp32 engine for ``ckpt``: every linear's quant method, and |logprob - reference| on two prompts."""
+    methods, got = _serve(ckpt)
+    return methods, _reference_diff(ckpt, got, PROMPTS)
 
 
 def test_every_decoder_linear_uses_smoothquant(engine):
@@ -162,7 +172,6 @@ def load_errors(ckpts, tmp_path_factory):
     """{how: "ErrorType: message"} of loading every broken checkpoint, all in ONE process (an engine start per
     case costs ~30 s on CI). The engine core runs in that process (VLLM_ENABLE_V1_MULTIPROCESSING=0), so the
     error arrives as the exception, with its type, rather than as "Engine core initialization failed"."""
-    import json
     import os
 
     root = tmp_path_factory.mktemp("broken")
@@ -214,15 +223,30 @@ def test_more_families_serve_with_all_smoothing_pairs(arch, tmp_path):
 @pytest.mark.parametrize("override", [None, "down_proj=token"], ids=["all-static", "down_proj-per-token"])
 def test_static_activation_scales_serve(ckpts, tmp_path, override):
     """--activations static: calibrated per-tensor input_scale, loaded and used by vLLM's int8 kernel;
-    with an override, down_proj runs dynamic per-token beside the static layers."""
+    with an override, down_proj runs dynamic per-token beside the static layers (and down_proj is rotated).
+
+    All static (unrotated, so ``convert`` can write it) is also served as ``convert``'s compressed-tensors checkpoint
+    with ``--quantization smoothquant``: the same int8 tensors and scales through the same kernels, so the same
+    quant methods and bit-equal prompt logprobs (one more engine: the dense half of issue 24's equality test)."""
+    from vllm_smoothquant.offline.convert import to_compressed_tensors
+
     src = ckpts["LlamaForCausalLM"].parent / "LlamaForCausalLM"
-    extra = ["--activation-override", override] if override else []
+    extra = ["--activation-override", override] if override else ["--rotate", "none"]
     ckpt = _cli_quantize(src, tmp_path / "static", calib_text(tmp_path / "c.txt"), "--activations", "static", *extra)
     sd = load_file(ckpt / "model.safetensors")
     assert "model.layers.0.self_attn.o_proj.input_scale" in sd
     assert ("model.layers.0.mlp.down_proj.input_scale" in sd) == (override is None)
-    _, diff = _serve_and_compare(ckpt)
+    methods, got = _serve(ckpt)
+    diff = _reference_diff(ckpt, got, PROMPTS)
     assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
+    if override is None:
+        ct = to_compressed_tensors(ckpt, tmp_path / "ct")
+        assert json.loads((ct / "config.json").read_text())["quantization_config"]["quant_method"] == \
+            "compressed-tensors"
+        ct_methods, ct_got = _serve(ct)
+        assert ct_methods == methods and {m for n, m in methods.items() if ".layers." in n} == \
+            {"SmoothQuantLinearMethod"}
+        assert ct_got == got  # bit-equal: same tensors, same kernels
 
 
 def test_kept_16bit_linears_serve_unquantized(ckpts, tmp_path):
