@@ -131,6 +131,11 @@ def find_problems(fmt: SmoothQuantFormat, tensors: Mapping[str, TensorInfo]) -> 
         elif leaf in FOREIGN:
             problems.append(f"{name}: not a tensor of the SmoothQuant format (another quantization method's "
                             f"{leaf!r}); this checkpoint was made by another tool or edited")
+    if fmt.rotation_tensor:  # compressed-tensors transforms: the plugin rotates dense linears only
+        if experts := sorted(n for n in tensors if _EXPERT.search(n) and f".{fmt.rotation_tensor}." in n):
+            problems.append(f"{', '.join(experts[:3])}{' ...' if len(experts) > 3 else ''}: the transform_config "
+                            "rotates MoE experts' inputs, which the plugin's fused-MoE method does not do; serve "
+                            "this checkpoint without --quantization smoothquant")
     for module, have in sorted(modules.items()):
         weight = have.get("weight")
         scales = [t for t in ("weight_scale", "input_scale") if t in have]

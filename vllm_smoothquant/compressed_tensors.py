@@ -17,7 +17,13 @@ Accepted, exactly what the plugin runs:
 - ``weights``: int, 8 bits, symmetric, static, strategy ``channel`` or ``tensor``;
 - ``input_activations``: int, 8 bits, symmetric, dynamic per ``token`` or static per ``tensor``;
 - ``ignore``: module names, or ``re:PATTERN`` (matched with ``re.match``, as compressed-tensors does);
-- ``kv_cache_scheme``: null, or float 8-bit symmetric static, strategy ``tensor`` or ``attn_head`` (fp8 e4m3).
+- ``kv_cache_scheme``: null, or float 8-bit symmetric static, strategy ``tensor`` or ``attn_head`` (fp8 e4m3);
+- ``transform_config``: null, or one Hadamard scheme rotating linears' inputs block by block, what ``convert``
+  writes for ``--rotate`` (SpinQuant's R4): ``type: hadamard``, not randomized, ``head_dim`` a power of two, applied
+  at ``input`` (and, already folded into the weights, at ``weight_input`` with ``inverse``) of targets
+  ``re:.*\\.<suffix>$``. It becomes the plugin's ``rotation`` (format 3), so it runs at any tensor-parallel size
+  whose shards hold whole blocks (stock vLLM: TP 1 only). The checkpoint's ``<linear>.<scheme>_input.weight``
+  matrices are checked against compressed-tensors' ``deterministic_hadamard_matrix`` as they load.
 
 Anything else is a :class:`CompressedTensorsError` naming the config key, its value and the fix (serve the checkpoint
 without ``--quantization smoothquant``): never a silent fallback. See docs/SERVING.md and docs/LIMITATIONS.md.
@@ -25,10 +31,12 @@ without ``--quantization smoothquant``): never a silent fallback. See docs/SERVI
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from .checkpoint import CheckpointError
-from .format import COMPRESSED_TENSORS, ActivationScheme, KVCacheScheme, SmoothQuantFormat, WeightScheme
+from .format import COMPRESSED_TENSORS, ActivationScheme, KVCacheScheme, RotationScheme, SmoothQuantFormat, WeightScheme
+from .rotation import is_power_of_two
 
 INT8_FORMATS = ("int-quantized", "naive-quantized")  # compressed-tensors formats that store int8 weights as int8
 SERVE_STOCK = ("serve this checkpoint without --quantization smoothquant (stock vLLM's compressed-tensors support "
@@ -162,10 +170,10 @@ def to_format(config: dict[str, Any]) -> SmoothQuantFormat:
         raise CompressedTensorsError(f"quantization_config['quant_method'] = {config.get('quant_method')!r} "
                                      f"is not {COMPRESSED_TENSORS!r}.")
     _unknown_keys(config, TOP_KEYS, "")
-    for key, what in (("sparsity_config", "sparse weights (e.g. 2:4) are not supported"),
-                      ("transform_config", "transforms (e.g. Hadamard rotations, SpinQuant) are not supported")):
-        if not _empty(config.get(key)):
-            raise _refuse(f"[{key!r}]", config[key], what)
+    if not _empty(config.get("sparsity_config")):
+        raise _refuse("['sparsity_config']", config["sparsity_config"], "sparse weights (e.g. 2:4) are not supported")
+    rotation, transform = (None, None) if _empty(config.get("transform_config")) else \
+        _rotation(config["transform_config"])
     status = config.get("quantization_status", "compressed")
     if status != "compressed":
         raise _refuse("['quantization_status']", status, "weights not stored compressed (int8) are not supported")
@@ -201,4 +209,60 @@ def to_format(config: dict[str, Any]) -> SmoothQuantFormat:
         weights=weights, activations=activations,
         alpha=None, smoothed=False,  # unknown to compressed-tensors' config, and nothing at serving time reads them
         ignore=tuple(ignore), kv_cache=_kv_cache(config.get("kv_cache_scheme")), quant_method=COMPRESSED_TENSORS,
+        rotation=rotation, rotation_tensor=transform,
     )
+
+
+# re:.*\.mlp\.down_proj$ (convert), re:.*down_proj$ (llm-compressor's SpinQuant) -> a module-name suffix
+_TARGET = re.compile(r"re:\.\*(?:\\\.)?(\w+(?:(?:\\\.|\.)\w+)*)\$")
+
+
+def _rotation(tc: Any) -> tuple[RotationScheme, str]:
+    """The plugin's rotation for a compressed-tensors ``transform_config`` of the one shape it runs (module doc),
+    and the name of the matrix tensor under each target (``<scheme>_input``)."""
+    where = "['transform_config']"
+    what = ("the plugin runs one non-random Hadamard transform of a power-of-two head_dim on linears' inputs "
+            "(vllm-smoothquant convert's R4)")
+    if not isinstance(tc, dict) or set(tc) - {"config_groups"} or not isinstance(tc.get("config_groups"), dict) \
+            or len(tc["config_groups"]) != 1:
+        raise _refuse(where, tc, what)
+    (name, scheme), = tc["config_groups"].items()
+    where += f"['config_groups'][{name!r}]"
+    if not isinstance(scheme, dict):
+        raise _refuse(where, scheme, what)
+    for key, want in (("type", "hadamard"), ("randomize", False), ("requires_grad", False)):
+        if scheme.get(key, want) != want:
+            raise _refuse(f"{where}[{key!r}]", scheme.get(key), what)
+    block = scheme.get("head_dim")
+    if not is_power_of_two(block):
+        raise _refuse(f"{where}['head_dim']", block, what + "; a transform over a whole input dimension (no head_dim) "
+                      "is not one")
+    unknown = sorted(set(scheme) - {"type", "apply", "randomize", "requires_grad", "head_dim", "precision"})
+    if unknown:
+        raise _refuse(f"{where}", unknown, "unknown keys")
+    applies = scheme.get("apply")
+    if not isinstance(applies, list) or not applies:
+        raise _refuse(f"{where}['apply']", applies, what)
+    online = []
+    for i, a in enumerate(applies):
+        w = f"{where}['apply'][{i}]"
+        if not isinstance(a, dict) or a.get("ignore") not in (None, []):
+            raise _refuse(w, a, what + " (no 'ignore' inside a transform)")
+        location, inverse = a.get("location"), bool(a.get("inverse", False))
+        if (location, inverse) == ("input", False):
+            online.append(a)
+        elif (location, inverse) != ("weight_input", True):  # the folded half: already in the int8 weights
+            raise _refuse(f"{w}['location']", location, what + " (locations 'input', and 'weight_input' with "
+                          "inverse; Hadamard matrices are symmetric)")
+    if len(online) != 1:
+        raise _refuse(f"{where}['apply']", applies, what + " (exactly one 'input' entry)")
+    targets = []
+    for t in online[0].get("targets") or []:
+        m = _TARGET.fullmatch(t) if isinstance(t, str) else None
+        if m is None:
+            raise _refuse(f"{where}['apply'][...]['targets']", t, "targets the plugin can match as module-name "
+                          "suffixes, e.g. 're:.*\\.mlp\\.down_proj$'")
+        targets.append(m.group(1).replace("\\.", "."))
+    if not targets:
+        raise _refuse(f"{where}['apply'][...]['targets']", [], what)
+    return RotationScheme(targets=tuple(targets), block_size=block), f"{name}_input"

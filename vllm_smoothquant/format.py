@@ -243,6 +243,8 @@ class SmoothQuantFormat:
     weight_rounding: str = "nearest"  # optional (absent: nearest); informational, same tensors and meaning
     rotation: RotationScheme | None = None  # None: no linear's input is rotated
     quant_method: str = QUANT_METHOD  # COMPRESSED_TENSORS: translated from a compressed-tensors config, not written
+    # compressed-tensors only: the rotation's matrix under each rotated linear, "<scheme>_input" (checked, unused)
+    rotation_tensor: str | None = None
 
     @property
     def compressed_tensors(self) -> bool:

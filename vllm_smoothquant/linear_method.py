@@ -170,6 +170,29 @@ class SmoothQuantLinearMethod(LinearMethodBase):
         layer.register_parameter("input_zero_point", None)
         if not hasattr(layer, "azp_adj"):
             layer.register_parameter("azp_adj", None)
+        if self.rotation is not None and self.fmt.rotation_tensor:  # a compressed-tensors checkpoint's R4_input
+            layer.register_module(self.fmt.rotation_tensor, self._rotation_matrix())
+
+    def _rotation_matrix(self) -> torch.nn.Module:
+        """Where a compressed-tensors checkpoint's ``<linear>.<scheme>_input.weight`` loads: checked to be
+        compressed-tensors' ``deterministic_hadamard_matrix(b)`` (the matrix the rotation computes), then dropped."""
+        b, name = self.rotation_block, f"{self.prefix}.{self.fmt.rotation_tensor}.weight"
+
+        def load(param, loaded_weight: torch.Tensor, *args, **kwargs):
+            from compressed_tensors.transform import deterministic_hadamard_matrix
+
+            want = deterministic_hadamard_matrix(b, torch.float64)
+            if tuple(loaded_weight.shape) != (b, b) or not torch.equal(loaded_weight.double(), want):
+                raise CheckpointTensorError(
+                    f"{name}: the checkpoint's transform_config declares a Hadamard transform of head_dim {b}, but "
+                    f"this tensor (shape {list(loaded_weight.shape)}) is not compressed-tensors' "
+                    f"deterministic_hadamard_matrix({b}) (a randomized or other matrix: the plugin computes that "
+                    f"one); serve this checkpoint without --quantization smoothquant."
+                )
+
+        holder = torch.nn.Module()
+        holder.register_parameter("weight", BasevLLMParameter(data=torch.empty(0), weight_loader=load))
+        return holder
 
     def _input_rotation(self, input_size_per_partition: int, input_size: int) -> InputRotation:
         """The layer's run-time input rotation; its input slice on this rank must hold whole Hadamard blocks."""
@@ -265,6 +288,8 @@ class SmoothQuantLinearMethod(LinearMethodBase):
                     )
         if self.rotation is not None:
             self.rotation.to(layer.weight.device)  # before the kernel's own processing, which may drop `weight`
+        if self.fmt.rotation_tensor and hasattr(layer, self.fmt.rotation_tensor):
+            delattr(layer, self.fmt.rotation_tensor)  # checked as it loaded; the rotation is computed
         self.kernel.process_weights_after_loading(layer)
 
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -223,15 +223,15 @@ def test_more_families_serve_with_all_smoothing_pairs(arch, tmp_path):
 @pytest.mark.parametrize("override", [None, "down_proj=token"], ids=["all-static", "down_proj-per-token"])
 def test_static_activation_scales_serve(ckpts, tmp_path, override):
     """--activations static: calibrated per-tensor input_scale, loaded and used by vLLM's int8 kernel;
-    with an override, down_proj runs dynamic per-token beside the static layers (and down_proj is rotated).
+    with an override, down_proj runs dynamic per-token beside the static layers; down_proj is rotated (the default).
 
-    All static (unrotated, so ``convert`` can write it) is also served as ``convert``'s compressed-tensors checkpoint
-    with ``--quantization smoothquant``: the same int8 tensors and scales through the same kernels, so the same
-    quant methods and bit-equal prompt logprobs (one more engine: the dense half of issue 24's equality test)."""
+    All static is also served as ``convert``'s compressed-tensors checkpoint (its rotation as a ``transform_config``)
+    with ``--quantization smoothquant``: the same int8 tensors, scales and rotation through the same kernels, so the
+    same quant methods and bit-equal prompt logprobs (one more engine: the dense half of issue 24's equality test)."""
     from vllm_smoothquant.offline.convert import to_compressed_tensors
 
     src = ckpts["LlamaForCausalLM"].parent / "LlamaForCausalLM"
-    extra = ["--activation-override", override] if override else ["--rotate", "none"]
+    extra = ["--activation-override", override] if override else []
     ckpt = _cli_quantize(src, tmp_path / "static", calib_text(tmp_path / "c.txt"), "--activations", "static", *extra)
     sd = load_file(ckpt / "model.safetensors")
     assert "model.layers.0.self_attn.o_proj.input_scale" in sd
@@ -241,8 +241,8 @@ def test_static_activation_scales_serve(ckpts, tmp_path, override):
     assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
     if override is None:
         ct = to_compressed_tensors(ckpt, tmp_path / "ct")
-        assert json.loads((ct / "config.json").read_text())["quantization_config"]["quant_method"] == \
-            "compressed-tensors"
+        qc = json.loads((ct / "config.json").read_text())["quantization_config"]
+        assert qc["quant_method"] == "compressed-tensors" and qc["transform_config"]["config_groups"]["R4"]
         ct_methods, ct_got = _serve(ct)
         assert ct_methods == methods and {m for n, m in methods.items() if ".layers." in n} == \
             {"SmoothQuantLinearMethod"}

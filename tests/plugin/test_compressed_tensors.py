@@ -67,6 +67,50 @@ def test_kv_cache_scheme(kv, strategy):
     assert to_format(llmcompressor_w8a8(kv_cache=kv)).kv_cache == KVCacheScheme("fp8_e4m3", strategy)
 
 
+@pytest.mark.parametrize("targets, suffix", [(["re:.*\\.mlp\\.down_proj$"], "mlp.down_proj"),
+                                             (["re:.*down_proj$"], "down_proj"), (["re:.*\\.fc2$"], "fc2")],
+                         ids=["convert", "llm-compressor-spinquant", "opt"])
+def test_a_hadamard_input_transform_becomes_the_plugins_rotation(targets, suffix):
+    """What `convert` writes for --rotate (and llm-compressor's SpinQuant R4 spelling of the target): the plugin's
+    rotation of that block size, and the matrix tensor under each target named <scheme>_input."""
+    from vllm_smoothquant.format import RotationScheme
+    from vllm_smoothquant.offline.convert import transform_config
+
+    cfg = llmcompressor_w8a8()
+    tc = transform_config(SmoothQuantFormat(rotation=RotationScheme(targets=("mlp.down_proj",), block_size=64)))
+    cfg["transform_config"] = tc.model_dump(mode="json")
+    for a in cfg["transform_config"]["config_groups"]["R4"]["apply"]:
+        a["targets"] = targets
+    fmt = to_format(cfg)
+    assert fmt.rotation == RotationScheme(targets=(suffix,), block_size=64) and fmt.rotation_tensor == "R4_input"
+    assert fmt.rotation.block_for("model.layers.2.mlp.down_proj" if suffix != "fc2" else "model.decoder.layers.2.fc2") \
+        == 64
+
+
+def test_convert_of_a_rotated_checkpoint_serves_with_the_same_rotation():
+    from vllm_smoothquant.format import RotationScheme
+
+    fmt = SmoothQuantFormat(rotation=RotationScheme(targets=("mlp.down_proj",), block_size=128))
+    back = to_format(compressed_tensors_config(fmt))
+    assert _serving(back) == _serving(fmt)
+
+
+def test_rotated_moe_experts_in_a_transform_config_are_refused_by_the_header_check():
+    """llm-compressor's SpinQuant target re:.*down_proj$ also names Qwen-MoE experts' down_proj, whose input the
+    plugin's fused-MoE method does not rotate: refused before weights are read, naming the tensors."""
+    from vllm_smoothquant.format import RotationScheme
+    from vllm_smoothquant.offline.convert import transform_config
+
+    cfg = llmcompressor_w8a8()
+    cfg["transform_config"] = transform_config(SmoothQuantFormat(
+        rotation=RotationScheme(targets=("down_proj",), block_size=64))).model_dump(mode="json")
+    fmt = to_format(cfg)
+    name = "model.layers.0.mlp.experts.3.down_proj.R4_input.weight"
+    problems = find_problems(fmt, {name: TensorInfo("F32", (64, 64), "model.safetensors")})
+    assert len(problems) == 1 and problems[0].startswith(name) and "rotates MoE experts' inputs" in problems[0]
+    assert find_problems(fmt, {"model.layers.0.mlp.down_proj.R4_input.weight": TensorInfo("F32", (64, 64), "model.safetensors")}) == []
+
+
 def test_keys_vllm_adds_and_older_spellings_are_accepted():
     cfg = llmcompressor_w8a8()
     cfg.update(total_num_heads=4, total_num_kv_heads=2, quant_method="compressed_tensors")  # vLLM's get_quant_config
@@ -112,7 +156,18 @@ REFUSED = {
     "group-format": (_set("config_groups/group_0/format", "float-quantized"), f"{G}['format'] = 'float-quantized'"),
     "2:4-sparsity": (_set("sparsity_config", {"format": "sparse-24-bitmask", "sparsity_structure": "2:4"}),
                      "['sparsity_config'] = {'format': 'sparse-24-bitmask'"),
-    "transform": (_set("transform_config", {"config_groups": {"u": {"type": "hadamard"}}}), "['transform_config'] = "),
+    "transform-no-head-dim": (_set("transform_config", {"config_groups": {"u": {"type": "hadamard", "apply": [
+        {"targets": ["re:.*down_proj$"], "location": "input"}]}}}), "['transform_config']['config_groups']['u']"
+        "['head_dim'] = None"),
+    "transform-random": (_set("transform_config", {"config_groups": {"u": {"type": "random-hadamard", "head_dim": 64,
+                                                                             "apply": []}}}),
+                         "['transform_config']['config_groups']['u']['type'] = 'random-hadamard'"),
+    "transform-output": (_set("transform_config", {"config_groups": {"u": {"type": "hadamard", "head_dim": 64, "apply": [
+        {"targets": ["re:.*o_proj$"], "location": "output"}]}}}), "['transform_config']['config_groups']['u']['apply'][0]"
+        "['location'] = 'output'"),
+    "transform-class-target": (_set("transform_config", {"config_groups": {"u": {"type": "hadamard", "head_dim": 64,
+                                                                                   "apply": [{"targets": ["Linear"], "location": "input"}]}}}),
+                               "['transform_config']['config_groups']['u']['apply'][...]['targets'] = 'Linear'"),
     "not-compressed": (_set("quantization_status", "frozen"), "['quantization_status'] = 'frozen'"),
     "partial-targets": (_set("config_groups/group_0/targets", ["re:.*self_attn.*"]),
                         f"{G}['targets'] = ['re:.*self_attn.*']"),
