@@ -50,8 +50,9 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="cpu-tp-"))
     base = save_tiny("LlamaForCausalLM", root / "base", hidden=128, layers=2, heads=4, kv_heads=2)
-    ckpt = quantize(str(base), root / "sq", calib_text(root / "c.txt"),
-                    QuantizeOptions(num_samples=4, seq_len=32, rotate_block=64)).output
+    ckpt = root / "sq"
+    quantize(str(base), ckpt, calib_text(root / "c.txt"),
+             QuantizeOptions(num_samples=4, seq_len=32, rotate_block=64))
     runs = {}
     for tp in (1, 2):
         subprocess.run([sys.executable, __file__, "--serve", str(ckpt), str(tp), str(root / f"tp{tp}.json")],
