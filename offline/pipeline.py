@@ -79,6 +79,7 @@ class Recipe:
     tied_lm_head: bool
     rotation_note: str = ""  # what --rotate does to this model, for the report
     kept: dict[int, frozenset[str]] = dataclasses.field(default_factory=dict)  # --keep-16bit: layer -> linears
+    moe_layers: frozenset[int] = frozenset()  # MoE models: the layers whose MLP is the MoE block (the rest dense)
     rounding: list[LinearRounding] = dataclasses.field(default_factory=list, compare=False)  # filled per layer (gptq)
 
     @property
@@ -101,7 +102,11 @@ class Recipe:
         return {n: m for n, m in layer_linears(layer).items() if n not in kept}
 
     def groups_for(self, i: int) -> list[SmoothGroup]:
-        return groups_for_layer(self.groups, self.kept[i]) if i in self.kept else self.groups
+        """Layer i's smoothing groups: those of its kind (an MoE model's dense or MoE layer), less those
+        targeting a linear ``--keep-16bit`` keeps."""
+        kind = "moe" if i in self.moe_layers else "dense"
+        groups = [g for g in self.groups if g.layers in ("all", kind)] if self.mapping.moe else self.groups
+        return groups_for_layer(groups, self.kept[i]) if i in self.kept else groups
 
     def schemes(self, i: int, linears) -> dict[str, ActivationScheme]:
         return {n: self.fmt.activations_for(self.name(i, n)) for n in linears}
@@ -125,7 +130,8 @@ def default_alpha(opts: QuantizeOptions, mapping: ArchMapping) -> float | str:
 def plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Recipe:
     n = len(ckpt.layers)
     first = layer_linears(ckpt.layers[0])
-    local = list(first)
+    local = list(dict.fromkeys(name for layer in ckpt.layers for name in layer_linears(layer)))  # dense + MoE layers
+    moe_layers = ckpt.mapping.moe.moe_layers(ckpt.config, n) if ckpt.mapping.moe else frozenset()
     groups = check_against_model(opts, ckpt.mapping, n, local)
     out_proj = first.get(ckpt.mapping.mlp_out) if ckpt.mapping.mlp_out else None
     rotation, note = rotation_scheme(opts.rotate, opts.rotate_block, opts.smooth, ckpt.mapping,
@@ -134,10 +140,10 @@ def plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Recipe:
     fmt = dataclasses.replace(opts.checkpoint_format(), rotation=rotation)
     fmt = dataclasses.replace(fmt, ignore=fmt.ignore + full_names(kept, ckpt.mapping))
     check_expert_schemes(fmt, ckpt.mapping, n, local)  # MoE experts: dynamic activations only
-    fmt = dataclasses.replace(fmt, ignore=fmt.ignore + kept_modules(ckpt.mapping, n))  # MoE routers stay unquantized
+    fmt = dataclasses.replace(fmt, ignore=fmt.ignore + kept_modules(ckpt.mapping, moe_layers))  # routers unquantized
     return Recipe(opts, ckpt.mapping, groups, default_alpha(opts, ckpt.mapping) if opts.alpha is None else opts.alpha,
                   attention_heads(ckpt.config), fmt, n,
-                  bool(getattr(ckpt.config, "tie_word_embeddings", False)), note, kept)
+                  bool(getattr(ckpt.config, "tie_word_embeddings", False)), note, kept, moe_layers=moe_layers)
 
 
 def _storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
