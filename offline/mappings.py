@@ -129,6 +129,13 @@ class ArchMapping:
     # fused-MoE kernel, which quantizes their intermediate itself)
     mlp_out: str | None = "mlp.down_proj"
 
+    def layer_groups(self, groups, moe_layer: bool) -> list[SmoothGroup]:
+        """Those of ``groups`` (this mapping's) that apply to an MoE decoder layer or (``moe_layer`` False) to a dense
+        one of an MoE model; every group for a dense model."""
+        if self.moe is None:
+            return list(groups)
+        return [g for g in groups if g.layers in ("all", "moe" if moe_layer else "dense")]
+
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
 _GATE_UP = ("mlp.gate_proj", "mlp.up_proj")

@@ -104,8 +104,7 @@ class Recipe:
     def groups_for(self, i: int) -> list[SmoothGroup]:
         """Layer i's smoothing groups: those of its kind (an MoE model's dense or MoE layer), less those
         targeting a linear ``--keep-16bit`` keeps."""
-        kind = "moe" if i in self.moe_layers else "dense"
-        groups = [g for g in self.groups if g.layers in ("all", kind)] if self.mapping.moe else self.groups
+        groups = self.mapping.layer_groups(self.groups, i in self.moe_layers)
         return groups_for_layer(groups, self.kept[i]) if i in self.kept else groups
 
     def schemes(self, i: int, linears) -> dict[str, ActivationScheme]:
