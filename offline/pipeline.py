@@ -29,6 +29,7 @@ from .disk_space import ACTIVATIONS, SLACK, check_free_space, metadata_bytes, te
 from .experts import check_expert_schemes, kept_modules
 from .export import ShardWriter, atomic_dir, check_output, directory_size, scratch_dir, write_metadata
 from .gptq import gptq_quantize_linears, layer_hessians, output_error
+from .guard import SmoothingGuard, guard_json
 from .keep import full_names, groups_for_layer, kept_linears
 from .kv_stats import kv_scale_tensors, record_kv
 from .layer_smoothing import smooth_layer
@@ -81,6 +82,7 @@ class Recipe:
     kept: dict[int, frozenset[str]] = dataclasses.field(default_factory=dict)  # --keep-16bit: layer -> linears
     moe_layers: frozenset[int] = frozenset()  # MoE models: the layers whose MLP is the MoE block (the rest dense)
     rounding: list[LinearRounding] = dataclasses.field(default_factory=list, compare=False)  # filled per layer (gptq)
+    guarded: list[dict] = dataclasses.field(default_factory=list, compare=False)  # per layer: the guard's error, time
 
     @property
     def gptq(self) -> bool:
@@ -237,15 +239,20 @@ def calibration_inputs(ckpt: Checkpoint, windows: list[list[int]], r: Recipe, ou
 
 def calibrate(layer: nn.Module, linears: dict[str, nn.Linear], inputs: LayerInputs | None, i: int, r: Recipe):
     """Per linear of the layer: input absmax over all calibration windows; for --alpha auto also input rows (for
-    expert groups) and the block probe (the first batches with the layer's full-precision outputs on them)."""
+    expert groups) and the block probe (the first batches with the layer's full-precision outputs on them); and the
+    smoothing guard (the first batch and the layer's full-precision output on it, guard.py), None with nothing to
+    smooth."""
     if inputs is None:
-        return {}, None, None
+        return {}, None, None, None
     auto = r.alpha == "auto" and bool(r.groups)
     rows = AUTO_ALPHA_ROWS if auto and r.mapping.moe is not None else 0
     with record_inputs(linears, rows, len(inputs.hidden)) as (absmax, samples):
         outs = run_layer(layer, inputs.hidden, inputs.kwargs[i])
     probe = BlockProbe.first_batches(inputs.hidden, inputs.kwargs[i], outs, AUTO_ALPHA_TOKENS) if auto else None
-    return absmax, samples, probe
+    groups = r.groups_for(i)
+    guard = SmoothingGuard.before_smoothing(layer, i, r.name(i), groups, inputs.hidden[0], inputs.kwargs[i][0],
+                                            outs[0]) if groups else None
+    return absmax, samples, probe, guard
 
 
 def quantize_layer(layer: nn.Module, i: int, linears: dict[str, nn.Linear], schemes: dict[str, ActivationScheme],
@@ -290,17 +297,29 @@ def propagate(layer: nn.Module, linears: dict[str, nn.Linear], inputs: LayerInpu
     return {} if kv is None else kv_scale_tensors(r.name(i, r.mapping.attention), kv, r.fmt.kv_cache)
 
 
+def check_smoothing(guard: SmoothingGuard | None, layer: nn.Module, i: int, reports: list[GroupReport],
+                    absmax: dict[str, torch.Tensor], r: Recipe) -> None:
+    """The smoothing guard (guard.py): the smoothed layer's full-precision output is the unsmoothed one's, or a
+    ``SmoothingGuardError`` naming the layer and the group stops the run before anything of the layer is written."""
+    if guard is None:
+        return
+    error = guard.check(layer, r.groups_for(i), reports, absmax, r.heads, r.opts.storage_dtype)
+    r.guarded.append({"layer": i, "error": error, "seconds": guard.seconds})
+
+
 def process_layer(ckpt: Checkpoint, i: int, r: Recipe, inputs: LayerInputs | None, writer: ShardWriter):
-    """Decoder layer i from start to end: load, calibrate, smooth, rotate, quantize, write, propagate, free.
+    """Decoder layer i from start to end: load, calibrate, smooth, check, rotate, quantize, write, propagate, free.
     Returns its group reports and statistics."""
     layer = to_compute(ckpt.load_layer(i), r.opts.device, r.opts.compute_dtype)
     linears = r.quantized_linears(i, layer)
     schemes = r.schemes(i, linears)
     blocks = rotated_linears(linears, r.fmt.rotation)
-    absmax, samples, probe = calibrate(layer, linears, inputs, i, r)
+    absmax, samples, probe, guard = calibrate(layer, linears, inputs, i, r)
     after, reports = smooth_layer(layer, i, r.groups_for(i), absmax, r.alpha, r.heads, samples, schemes, r.opts.weights,
                                   r.opts.storage_dtype, probe, blocks)
     del probe
+    check_smoothing(guard, layer, i, reports, absmax, r)
+    del guard
     for name, block in blocks.items():
         fold_rotation(linears[name], block)
     with rotated(linears, blocks):  # from here on the rotated linears run as vLLM will run them
@@ -360,7 +379,8 @@ def _report_json(report: QuantizeReport, r: Recipe) -> dict:
             "calibrate_smooth_quantize_seconds": round(report.seconds, 1), "loading": report.loading,
             "activations": report.activations, "rotation": report.rotation, "peak_rss_bytes": report.peak_rss_bytes,
             "peak_cuda_bytes": report.peak_cuda_bytes, "layers": [vars(x) for x in report.layers],
-            "weight_rounding": rounding_json(r.opts.weight_rounding, r.opts.damp, r.opts.gptq_act_order, r.rounding)}
+            "weight_rounding": rounding_json(r.opts.weight_rounding, r.opts.damp, r.opts.gptq_act_order, r.rounding),
+            "smoothing_guard": guard_json(r.guarded, r.opts.compute_dtype)}
 
 
 def _final_format(r: Recipe, groups: list[GroupReport], calib, num_windows: int) -> SmoothQuantFormat:
