@@ -197,7 +197,8 @@ def test_malformed_checkpoint_fails_at_load_naming_the_tensor(load_errors, how):
 
 
 FAMILIES = ["MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "Phi3ForCausalLM", "BloomForCausalLM",
-            "FalconForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM"]
+            "FalconForCausalLM", "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GlmForCausalLM",
+            "Glm4ForCausalLM", "GraniteForCausalLM", "CohereForCausalLM", "GPTNeoXForCausalLM"]
 
 
 @pytest.mark.parametrize("arch", FAMILIES, ids=lambda a: a.removesuffix("ForCausalLM"))

@@ -182,6 +182,28 @@ def test_cli_quantizes_a_mixtral(tmp_path):
     assert " down.0 " not in out.stdout
 
 
+def test_cli_quantizes_a_glm45_with_a_dense_first_layer(tmp_path):
+    """GLM-4.5: layer 0 dense (first_k_dense_replace = 1) gets Llama's groups and int8 gate/up/down, layer 1 the MoE
+    groups; only layer 1's router is kept unquantized, with its e_score_correction_bias beside it."""
+    model = save_tiny("Glm4MoeForCausalLM", tmp_path / "model")
+    cli = Path(sys.executable).with_name("vllm-smoothquant")
+    out = subprocess.run([str(cli), "quantize", str(model), str(tmp_path / "out"), "--calib",
+                          str(calib_text(tmp_path / "calib.txt")), "--num-samples", "4", "--seq-len", "32"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    t = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(t[f"model.layers.0.mlp.{n}.weight"].dtype == torch.int8 for n in ("gate_proj", "up_proj", "down_proj"))
+    assert t["model.layers.1.mlp.experts.3.down_proj.weight"].dtype == torch.int8
+    assert t["model.layers.1.mlp.shared_experts.down_proj.weight"].dtype == torch.int8
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in t and "model.layers.0.mlp.gate.weight" not in t
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert [n for n in qc["ignore"] if ".mlp." in n] == ["model.layers.1.mlp.gate"]
+    report = json.loads((tmp_path / "out" / "smoothquant" / "report.json").read_text())
+    groups = {layer: {g["group"].split(".")[0] for g in report["groups"] if g["layer"] == layer} for layer in (0, 1)}
+    assert groups == {0: {"qkv", "gate_up", "o", "down"}, 1: {"qkv", "moe", "o", "down", "shared_down"}}
+    assert [x["layer"] for x in report["smoothing_guard"]["layers"]] == [0, 1]
+
+
 def _with_extra_expert(model: Path) -> None:
     """Lower config.json's expert count below the tensors' (4 experts on disk, 3 declared)."""
     cfg = json.loads((model / "config.json").read_text())
