@@ -58,7 +58,7 @@ def tiny_config(arch: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv
     if arch == "GPTNeoXForCausalLM":  # per-head fused query_key_value, partial rotary, parallel residual
         return transformers.GPTNeoXConfig(hidden_size=hidden, intermediate_size=4 * hidden, rotary_pct=0.25,
                                           use_parallel_residual=True, tie_word_embeddings=False, **common)
-    if arch == "GraniteForCausalLM":  # the multipliers away from 1, so a mapping that ignored them would show
+    if arch == "GraniteForCausalLM":  # multipliers away from 1: the engine must apply them as transformers does
         return transformers.GraniteConfig(hidden_size=hidden, intermediate_size=3 * hidden, num_key_value_heads=kv_heads,
                                           embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.2,
                                           logits_scaling=2.0, tie_word_embeddings=False, **common)
