@@ -1,10 +1,11 @@
 """What the smoothing guard (offline/guard.py) costs: its seconds beside the whole quantize run, on random models.
 
     python benchmarks/guard_cost.py --out FILE.json [--arch LlamaForCausalLM] [--hidden 1024] [--layers 8] \
-        [--num-samples 32] [--seq-len 256]
+        [--num-samples 32] [--seq-len 256] [--alpha A]
 
 Builds a random model of ``--arch`` (tests/tiny_models.py's config with outliers, bf16 on disk), quantizes it with the
-defaults (α auto, down_proj rotation, per-token activations) on the project's calibration text, and reads
+defaults (α auto, down_proj rotation, per-token activations; ``--alpha A``: a fixed α, no search, the
+cheapest run and so the guard's largest share) on the project's calibration text, and reads
 ``report.json``'s ``smoothing_guard.seconds`` (the guard's copies and forwards, timed inside the run) against the
 run's ``calibrate_smooth_quantize_seconds``. Writes {provenance, command, model bytes, seconds, guard seconds, share}.
 """
@@ -35,6 +36,7 @@ def main() -> int:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--num-samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--alpha", type=float, default=None)
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -42,11 +44,12 @@ def main() -> int:
                           kv_heads=args.heads // 2)
         size = sum(f.stat().st_size for f in model.glob("*.safetensors"))
         calib = calib_text(root / "calib.txt", words=args.num_samples * args.seq_len * 2)
-        quantize(str(model), root / "sq", calib, QuantizeOptions(num_samples=args.num_samples, seq_len=args.seq_len))
+        quantize(str(model), root / "sq", calib, QuantizeOptions(num_samples=args.num_samples, seq_len=args.seq_len,
+                                                                 alpha=args.alpha))
         report = json.loads((root / "sq" / "smoothquant" / "report.json").read_text())
     total, guard = report["calibrate_smooth_quantize_seconds"], report["smoothing_guard"]["seconds"]
     result = {"provenance": harness.provenance(), "command": "python " + shlex.join(sys.argv),
-              "arch": args.arch, "model_bytes_bf16": size, "quantize_seconds": total, "guard_seconds": guard,
+              "arch": args.arch, "alpha": args.alpha or "auto", "model_bytes_bf16": size, "quantize_seconds": total, "guard_seconds": guard,
               "guard_share": round(guard / total, 4),
               "guard_errors": [x["error"] for x in report["smoothing_guard"]["layers"]]}
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
