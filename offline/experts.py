@@ -97,7 +97,9 @@ def split_experts(model: nn.Module, mapping: ArchMapping) -> None:
         return
     for layer in model.get_submodule(mapping.layers):
         block = getattr(layer, moe.attribute)
-        fused = getattr(block, moe.experts)
+        fused = getattr(block, moe.experts, None)
+        if fused is None:  # a dense decoder layer among the MoE ones (MoeLayout.moe_layers)
+            continue
         if not isinstance(fused, ExpertList):
             setattr(block, moe.experts, _expert_list(fused, moe, model.config))
         for kept in moe.kept:
@@ -128,7 +130,7 @@ def check_expert_tensors(mapping: ArchMapping, config, names, where: str) -> Non
                 f"(experts 0..{count - 1}): the weights and config.json come from different models; use the "
                 "config.json that was saved with these weights.")
         seen.setdefault((layer, proj), set()).add(e)
-    for i in range(getattr(config, "num_hidden_layers")):
+    for i in sorted(moe.moe_layers(config, getattr(config, "num_hidden_layers"))):
         for which, proj in enumerate(moe.linears):
             missing = sorted(set(range(count)) - seen.get((i, proj), set()))
             if missing:
@@ -139,12 +141,13 @@ def check_expert_tensors(mapping: ArchMapping, config, names, where: str) -> Non
                     "different models, or the checkpoint is incomplete.")
 
 
-def kept_modules(mapping: ArchMapping, num_layers: int) -> tuple[str, ...]:
-    """The full names of every layer's kept (unquantized) MoE modules, for the checkpoint's ``ignore`` list."""
+def kept_modules(mapping: ArchMapping, moe_layers) -> tuple[str, ...]:
+    """The full names of every MoE layer's kept (unquantized) modules, for the checkpoint's ``ignore`` list;
+    ``moe_layers``: the indices of the decoder layers whose MLP is the MoE block (``MoeLayout.moe_layers``)."""
     moe = mapping.moe
     if moe is None:
         return ()
-    return tuple(f"{mapping.layers}.{i}.{moe.block}.{k}" for i in range(num_layers) for k in moe.kept)
+    return tuple(f"{mapping.layers}.{i}.{moe.block}.{k}" for i in sorted(moe_layers) for k in moe.kept)
 
 
 def is_expert_linear(mapping: ArchMapping, local: str) -> bool:

@@ -12,7 +12,8 @@ Introspection beside the data: :func:`layer_linears` (a decoder layer's linears)
 Mixtures of experts (:class:`MoeLayout`): the working model holds every expert as its own linears, named as the
 checkpoint names them (``offline/experts.py``), so a group's linear name may hold ``*`` for "every expert"
 (:func:`expand_groups`): ``*`` in the linears only makes one group over all experts (the norm -> router + every
-expert's gate/up); ``*`` in ``prev`` makes one group per expert (that expert's up -> down).
+expert's gate/up); ``*`` in ``prev`` makes one group per expert (that expert's up -> down). A model may mix dense
+and MoE decoder layers (:meth:`MoeLayout.moe_layers`): a group's ``layers`` says to which kind it belongs.
 """
 
 from __future__ import annotations
@@ -65,8 +66,14 @@ class SmoothGroup:
     # weights take no part in s (they are never quantized)
     passengers: tuple[str, ...] = ()
     expert: int | None = None  # set by expand_groups on a per-expert group
+    # which decoder layers of a mixture-of-experts model the group belongs to: "all", "moe" (layers whose MLP is the
+    # MoE block) or "dense" (layers whose MLP is a dense MLP: GLM-4.5's first_k_dense_replace layers, Qwen-MoE's
+    # mlp_only_layers / decoder_sparse_step); see MoeLayout.moe_layers
+    layers: str = "all"
 
     def __post_init__(self):
+        if self.layers not in ("all", "moe", "dense"):
+            raise ValueError(f"SmoothGroup {self.name!r}: layers must be 'all', 'moe' or 'dense', not {self.layers!r}")
         if self.prev_rows is not None and self.prev_rows not in ROW_LAYOUTS:
             raise ValueError(f"SmoothGroup {self.name!r}: unknown prev_rows {self.prev_rows!r}; "
                              f"use one of {sorted(ROW_LAYOUTS)}")
@@ -90,6 +97,15 @@ class MoeLayout:
     kept: tuple[str, ...] = ("gate",)
     experts: str = "experts"
 
+    def moe_layers(self, config, num_layers: int) -> frozenset[int]:
+        """The decoder layers whose MLP is this MoE block, as transformers and vLLM build them from config.json: all
+        but the first ``first_k_dense_replace`` (GLM-4.5), those in ``mlp_only_layers`` and those off every
+        ``decoder_sparse_step``-th (Qwen-MoE); the others hold a dense MLP."""
+        first = getattr(config, "first_k_dense_replace", None) or 0
+        dense = set(getattr(config, "mlp_only_layers", None) or ())
+        step = getattr(config, "decoder_sparse_step", None) or 1
+        return frozenset(i for i in range(num_layers) if i >= first and i not in dense and (i + 1) % step == 0)
+
     def expert_linear(self, e: int | str, which: int) -> str:
         """Expert ``e``'s gate (0), up (1) or down (2) linear, relative to the decoder layer."""
         return f"{self.block}.{self.experts}.{e}.{self.linears[which]}"
@@ -112,6 +128,13 @@ class ArchMapping:
     # per-token outliers), which ``--rotate down_proj`` rotates; None: not rotatable (MoE experts run inside vLLM's
     # fused-MoE kernel, which quantizes their intermediate itself)
     mlp_out: str | None = "mlp.down_proj"
+
+    def layer_groups(self, groups, moe_layer: bool) -> list[SmoothGroup]:
+        """Those of ``groups`` (this mapping's) that apply to an MoE decoder layer or (``moe_layer`` False) to a dense
+        one of an MoE model; every group for a dense model."""
+        if self.moe is None:
+            return list(groups)
+        return [g for g in groups if g.layers in ("all", "moe" if moe_layer else "dense")]
 
 
 _QKV = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
@@ -219,20 +242,23 @@ _GEMMA2 = ArchMapping(
 def _moe_mapping(moe: MoeLayout, shared: str | None = None) -> ArchMapping:
     """Llama-style attention and an MoE MLP: post_attention_layernorm -> router (unquantized, a passenger) and
     every expert's gate/up [and the shared expert's gate/up] as one group; v -> o; each expert's up -> its down
-    [the shared expert's up -> down]."""
+    [the shared expert's up -> down]. Dense decoder layers among the MoE ones (``MoeLayout.moe_layers``) hold a
+    Llama MLP (``mlp.gate_proj/up_proj/down_proj``): their groups are Llama's gate_up and down."""
     gate_up = (moe.expert_linear("*", 0), moe.expert_linear("*", 1))
     shared_gate_up = (f"{shared}.gate_proj", f"{shared}.up_proj") if shared else ()
     routers = tuple(f"{moe.block}.{k}" for k in moe.kept)  # each exactly once: scaled twice, it would be wrong
     groups = [
         SmoothGroup("qkv", "input_layernorm", _QKV),
-        SmoothGroup("moe", "post_attention_layernorm", gate_up + shared_gate_up, passengers=routers),
+        SmoothGroup("moe", "post_attention_layernorm", gate_up + shared_gate_up, passengers=routers, layers="moe"),
         SmoothGroup("o", "self_attn.v_proj", ("self_attn.o_proj",), attention_heads=True),
-        SmoothGroup("down", moe.expert_linear("*", 1), (moe.expert_linear("*", 2),)),  # per expert
+        SmoothGroup("down", moe.expert_linear("*", 1), (moe.expert_linear("*", 2),), layers="moe"),  # per expert
     ]
     if shared:
-        groups.append(SmoothGroup("shared_down", f"{shared}.up_proj", (f"{shared}.down_proj",)))
+        groups.append(SmoothGroup("shared_down", f"{shared}.up_proj", (f"{shared}.down_proj",), layers="moe"))
+    groups += [SmoothGroup("gate_up", "post_attention_layernorm", _GATE_UP, layers="dense"),
+               SmoothGroup("down", "mlp.up_proj", ("mlp.down_proj",), layers="dense")]
     return ArchMapping(layers="model.layers", groups=tuple(groups), default_alpha=0.8,
-                       fused=(_QKV,) + ((shared_gate_up,) if shared else ()), moe=moe, mlp_out=None)
+                       fused=(_QKV, _GATE_UP) + ((shared_gate_up,) if shared else ()), moe=moe, mlp_out=None)
 
 
 # Mixtral: transformers calls the block `mlp`, the checkpoint and vLLM `block_sparse_moe`; experts w1/w3/w2.
@@ -245,6 +271,60 @@ _QWEN3_MOE = _moe_mapping(replace(_QWEN_MOE, kept=("gate",)))
 # Qwen2-MoE: a shared expert (one dense SiLU MLP, quantized as vLLM's merged gate_up + down) scaled by
 # sigmoid(shared_expert_gate(x)): that gate reads the normed input too and stays in the model dtype.
 _QWEN2_MOE = _moe_mapping(_QWEN_MOE, shared="mlp.shared_expert")
+
+# GLM-4.5 / 4.6 / 4.7 (Glm4MoeForCausalLM): the first first_k_dense_replace layers dense (Llama MLP), the rest a
+# sigmoid router with a correction bias (Glm4MoeTopkRouter: not an nn.Linear, it computes in fp32 from its weight;
+# its e_score_correction_bias is added after the sigmoid, so scaling the weight's input columns keeps it exact), 128
+# routed experts and one shared expert (shared_experts, a dense SiLU MLP); q_norm/k_norm (use_qk_norm) act after
+# q/k_proj, per head: unaffected.
+_GLM4_MOE = _moe_mapping(MoeLayout("mlp", "mlp", ("gate_proj", "up_proj", "down_proj"), "n_routed_experts",
+                                   "moe_intermediate_size"), shared="mlp.shared_experts")
+
+# GLM (glm-4-9b-hf) and GLM-4 (0414): Llama attention (q/k/v biases on the linears, partial rotary on q/k) and the
+# checkpoint's own fused gate_up_proj ([gate | up], up * silu(gate): linear in up). GLM-4's post_self_attn_layernorm and
+# post_mlp_layernorm normalize the attention / MLP *outputs* before the residual add: they feed no linear, so they
+# are no smoothing target (v -> o and up -> down smooth those paths instead).
+_GLM = ArchMapping(
+    layers="model.layers",
+    groups=(
+        SmoothGroup("qkv", "input_layernorm", _QKV),
+        SmoothGroup("gate_up", "post_attention_layernorm", ("mlp.gate_up_proj",)),
+        SmoothGroup("o", "self_attn.v_proj", ("self_attn.o_proj",), attention_heads=True),
+        SmoothGroup("down", "mlp.gate_up_proj", ("mlp.down_proj",), prev_rows="gate_up:up"),
+    ),
+    default_alpha=0.8,
+    fused=(_QKV,),
+)
+
+# Command-R (CohereForCausalLM): one LayerNorm (weight, no bias) feeds attention and the MLP in parallel, so q/k/v and
+# gate/up are one smoothing group (vLLM still runs qkv_proj and gate_up_proj as two layers); the optional q_norm /
+# k_norm (use_qk_norm) act after q/k_proj, per head: unaffected; the logit_scale acts after lm_head.
+_COHERE = ArchMapping(
+    layers="model.layers",
+    groups=(
+        SmoothGroup("qkv_gate_up", "input_layernorm", _QKV + _GATE_UP),
+        *_LLAMA.groups[2:],  # v -> o, up -> down
+    ),
+    default_alpha=0.8,
+    fused=(_QKV, _GATE_UP),
+)
+
+# GPT-NeoX / Pythia: input_layernorm -> query_key_value (fused, per head [q_h | k_h | v_h] as BLOOM; vLLM 0.26's
+# native model repacks it, scales included; 0.32 serves it through its Transformers backend as stored),
+# post_attention_layernorm -> dense_h_to_4h (parallel residual or not, that norm feeds only the MLP); v -> dense
+# through the v rows of each head; GELU between dense_h_to_4h and dense_4h_to_h blocks fc1 -> fc2.
+_GPT_NEOX = ArchMapping(
+    layers="gpt_neox.layers",
+    groups=(
+        SmoothGroup("qkv", "input_layernorm", ("attention.query_key_value",)),
+        SmoothGroup("fc1", "post_attention_layernorm", ("mlp.dense_h_to_4h",)),
+        SmoothGroup("o", "attention.query_key_value", ("attention.dense",), attention_heads=True,
+                    prev_rows="qkv:v-per-head"),
+    ),
+    default_alpha=0.5,
+    attention="attention",
+    mlp_out="mlp.dense_4h_to_h",
+)
 
 MAPPINGS: dict[str, ArchMapping] = {
     "OPTForCausalLM": _OPT,
@@ -261,6 +341,12 @@ MAPPINGS: dict[str, ArchMapping] = {
     "MixtralForCausalLM": _MIXTRAL,
     "Qwen3MoeForCausalLM": _QWEN3_MOE,
     "Qwen2MoeForCausalLM": _QWEN2_MOE,
+    "GlmForCausalLM": _GLM,
+    "Glm4ForCausalLM": _GLM,  # + post_self_attn_layernorm / post_mlp_layernorm on the outputs: no target
+    "Glm4MoeForCausalLM": _GLM4_MOE,
+    "GraniteForCausalLM": _LLAMA,  # embedding/residual/attention/logits multipliers act on no smoothed channel
+    "CohereForCausalLM": _COHERE,
+    "GPTNeoXForCausalLM": _GPT_NEOX,
 }
 
 
@@ -287,13 +373,6 @@ def mapping_for(config) -> ArchMapping:
             "FalconForCausalLM with new_decoder_architecture (ln_attn/ln_mlp, 40B/180B-style) or sequential "
             "attention has no SmoothQuant mapping yet; only the parallel-attention, single-layernorm layout (7B) is "
             "supported."
-        )
-    if MAPPINGS[archs[0]].moe is not None and (getattr(config, "mlp_only_layers", None)
-                                               or getattr(config, "decoder_sparse_step", 1) != 1):
-        raise UnsupportedArchitectureError(
-            f"{archs[0]} with dense decoder layers among the MoE ones (mlp_only_layers "
-            f"{getattr(config, 'mlp_only_layers', None)}, decoder_sparse_step {getattr(config, 'decoder_sparse_step', 1)}) "
-            "has no SmoothQuant mapping yet; only models whose every decoder layer is a mixture of experts are supported."
         )
     if archs[0] == "FalconForCausalLM" and not getattr(config, "multi_query", True):
         o = replace(_FALCON.groups[1], prev_rows="qkv:v-per-head")

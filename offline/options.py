@@ -219,8 +219,10 @@ def check_against_model(opts: QuantizeOptions, mapping: ArchMapping, num_layers:
                                    f"{', '.join(fused)} as one fused layer: override all of them or none.")
     if not opts.smooth:
         return []
-    known = {g.name: g for g in mapping.groups}
+    known: dict[str, list[SmoothGroup]] = {}  # a name may stand for a dense and an MoE layer's group ("down")
+    for g in mapping.groups:
+        known.setdefault(g.name, []).append(g)
     unknown = [n for n in opts.groups or () if n not in known]
     if unknown:
         raise OptionsError(f"--smooth-groups: unknown group(s) {unknown}; this architecture has {list(known)}.")
-    return list(mapping.groups) if opts.groups is None else [known[n] for n in opts.groups]
+    return list(mapping.groups) if opts.groups is None else [g for n in opts.groups for g in known[n]]

@@ -29,6 +29,7 @@ from .disk_space import ACTIVATIONS, SLACK, check_free_space, metadata_bytes, te
 from .experts import check_expert_schemes, kept_modules
 from .export import ShardWriter, atomic_dir, check_output, directory_size, scratch_dir, write_metadata
 from .gptq import gptq_quantize_linears, layer_hessians, output_error
+from .guard import SmoothingGuard, guard_json
 from .keep import full_names, groups_for_layer, kept_linears
 from .kv_stats import kv_scale_tensors, record_kv
 from .layer_smoothing import smooth_layer
@@ -79,7 +80,9 @@ class Recipe:
     tied_lm_head: bool
     rotation_note: str = ""  # what --rotate does to this model, for the report
     kept: dict[int, frozenset[str]] = dataclasses.field(default_factory=dict)  # --keep-16bit: layer -> linears
+    moe_layers: frozenset[int] = frozenset()  # MoE models: the layers whose MLP is the MoE block (the rest dense)
     rounding: list[LinearRounding] = dataclasses.field(default_factory=list, compare=False)  # filled per layer (gptq)
+    guarded: list[dict] = dataclasses.field(default_factory=list, compare=False)  # per layer: the guard's error, time
 
     @property
     def gptq(self) -> bool:
@@ -101,7 +104,10 @@ class Recipe:
         return {n: m for n, m in layer_linears(layer).items() if n not in kept}
 
     def groups_for(self, i: int) -> list[SmoothGroup]:
-        return groups_for_layer(self.groups, self.kept[i]) if i in self.kept else self.groups
+        """Layer i's smoothing groups: those of its kind (an MoE model's dense or MoE layer), less those
+        targeting a linear ``--keep-16bit`` keeps."""
+        groups = self.mapping.layer_groups(self.groups, i in self.moe_layers)
+        return groups_for_layer(groups, self.kept[i]) if i in self.kept else groups
 
     def schemes(self, i: int, linears) -> dict[str, ActivationScheme]:
         return {n: self.fmt.activations_for(self.name(i, n)) for n in linears}
@@ -125,7 +131,8 @@ def default_alpha(opts: QuantizeOptions, mapping: ArchMapping) -> float | str:
 def plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Recipe:
     n = len(ckpt.layers)
     first = layer_linears(ckpt.layers[0])
-    local = list(first)
+    local = list(dict.fromkeys(name for layer in ckpt.layers for name in layer_linears(layer)))  # dense + MoE layers
+    moe_layers = ckpt.mapping.moe.moe_layers(ckpt.config, n) if ckpt.mapping.moe else frozenset()
     groups = check_against_model(opts, ckpt.mapping, n, local)
     out_proj = first.get(ckpt.mapping.mlp_out) if ckpt.mapping.mlp_out else None
     rotation, note = rotation_scheme(opts.rotate, opts.rotate_block, opts.smooth, ckpt.mapping,
@@ -134,10 +141,10 @@ def plan(ckpt: Checkpoint, opts: QuantizeOptions) -> Recipe:
     fmt = dataclasses.replace(opts.checkpoint_format(), rotation=rotation)
     fmt = dataclasses.replace(fmt, ignore=fmt.ignore + full_names(kept, ckpt.mapping))
     check_expert_schemes(fmt, ckpt.mapping, n, local)  # MoE experts: dynamic activations only
-    fmt = dataclasses.replace(fmt, ignore=fmt.ignore + kept_modules(ckpt.mapping, n))  # MoE routers stay unquantized
+    fmt = dataclasses.replace(fmt, ignore=fmt.ignore + kept_modules(ckpt.mapping, moe_layers))  # routers unquantized
     return Recipe(opts, ckpt.mapping, groups, default_alpha(opts, ckpt.mapping) if opts.alpha is None else opts.alpha,
                   attention_heads(ckpt.config), fmt, n,
-                  bool(getattr(ckpt.config, "tie_word_embeddings", False)), note, kept)
+                  bool(getattr(ckpt.config, "tie_word_embeddings", False)), note, kept, moe_layers=moe_layers)
 
 
 def _storage(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -232,15 +239,20 @@ def calibration_inputs(ckpt: Checkpoint, windows: list[list[int]], r: Recipe, ou
 
 def calibrate(layer: nn.Module, linears: dict[str, nn.Linear], inputs: LayerInputs | None, i: int, r: Recipe):
     """Per linear of the layer: input absmax over all calibration windows; for --alpha auto also input rows (for
-    expert groups) and the block probe (the first batches with the layer's full-precision outputs on them)."""
+    expert groups) and the block probe (the first batches with the layer's full-precision outputs on them); and the
+    smoothing guard (the first batch and the layer's full-precision output on it, guard.py), None with nothing to
+    smooth."""
     if inputs is None:
-        return {}, None, None
+        return {}, None, None, None
     auto = r.alpha == "auto" and bool(r.groups)
     rows = AUTO_ALPHA_ROWS if auto and r.mapping.moe is not None else 0
     with record_inputs(linears, rows, len(inputs.hidden)) as (absmax, samples):
         outs = run_layer(layer, inputs.hidden, inputs.kwargs[i])
     probe = BlockProbe.first_batches(inputs.hidden, inputs.kwargs[i], outs, AUTO_ALPHA_TOKENS) if auto else None
-    return absmax, samples, probe
+    groups = r.groups_for(i)
+    guard = SmoothingGuard.before_smoothing(layer, i, r.name(i), groups, inputs.hidden[0], inputs.kwargs[i][0],
+                                            outs[0]) if groups else None
+    return absmax, samples, probe, guard
 
 
 def quantize_layer(layer: nn.Module, i: int, linears: dict[str, nn.Linear], schemes: dict[str, ActivationScheme],
@@ -285,17 +297,29 @@ def propagate(layer: nn.Module, linears: dict[str, nn.Linear], inputs: LayerInpu
     return {} if kv is None else kv_scale_tensors(r.name(i, r.mapping.attention), kv, r.fmt.kv_cache)
 
 
+def check_smoothing(guard: SmoothingGuard | None, layer: nn.Module, i: int, reports: list[GroupReport],
+                    absmax: dict[str, torch.Tensor], r: Recipe) -> None:
+    """The smoothing guard (guard.py): the smoothed layer's full-precision output is the unsmoothed one's, or a
+    ``SmoothingGuardError`` naming the layer and the group stops the run before anything of the layer is written."""
+    if guard is None:
+        return
+    error = guard.check(layer, r.groups_for(i), reports, absmax, r.heads, r.opts.storage_dtype)
+    r.guarded.append({"layer": i, "error": error, "seconds": guard.seconds})
+
+
 def process_layer(ckpt: Checkpoint, i: int, r: Recipe, inputs: LayerInputs | None, writer: ShardWriter):
-    """Decoder layer i from start to end: load, calibrate, smooth, rotate, quantize, write, propagate, free.
+    """Decoder layer i from start to end: load, calibrate, smooth, check, rotate, quantize, write, propagate, free.
     Returns its group reports and statistics."""
     layer = to_compute(ckpt.load_layer(i), r.opts.device, r.opts.compute_dtype)
     linears = r.quantized_linears(i, layer)
     schemes = r.schemes(i, linears)
     blocks = rotated_linears(linears, r.fmt.rotation)
-    absmax, samples, probe = calibrate(layer, linears, inputs, i, r)
+    absmax, samples, probe, guard = calibrate(layer, linears, inputs, i, r)
     after, reports = smooth_layer(layer, i, r.groups_for(i), absmax, r.alpha, r.heads, samples, schemes, r.opts.weights,
                                   r.opts.storage_dtype, probe, blocks)
     del probe
+    check_smoothing(guard, layer, i, reports, absmax, r)
+    del guard
     for name, block in blocks.items():
         fold_rotation(linears[name], block)
     with rotated(linears, blocks):  # from here on the rotated linears run as vLLM will run them
@@ -355,7 +379,8 @@ def _report_json(report: QuantizeReport, r: Recipe) -> dict:
             "calibrate_smooth_quantize_seconds": round(report.seconds, 1), "loading": report.loading,
             "activations": report.activations, "rotation": report.rotation, "peak_rss_bytes": report.peak_rss_bytes,
             "peak_cuda_bytes": report.peak_cuda_bytes, "layers": [vars(x) for x in report.layers],
-            "weight_rounding": rounding_json(r.opts.weight_rounding, r.opts.damp, r.opts.gptq_act_order, r.rounding)}
+            "weight_rounding": rounding_json(r.opts.weight_rounding, r.opts.damp, r.opts.gptq_act_order, r.rounding),
+            "smoothing_guard": guard_json(r.guarded, r.opts.compute_dtype)}
 
 
 def _final_format(r: Recipe, groups: list[GroupReport], calib, num_windows: int) -> SmoothQuantFormat:

@@ -81,7 +81,8 @@ class FakeQuantLinear(torch.nn.Module):
 # holds the experts fused (3D parameters) and calls the block `mlp`.
 MOE_EXPERTS = {"MixtralForCausalLM": ("block_sparse_moe", ("w1", "w3", "w2")),
                "Qwen2MoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj")),
-               "Qwen3MoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
+               "Qwen3MoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj")),
+               "Glm4MoeForCausalLM": ("mlp", ("gate_proj", "up_proj", "down_proj"))}
 
 
 class FakeQuantExperts(torch.nn.Module):
@@ -109,6 +110,8 @@ def _fake_quant_experts(model, sd: dict, arch: str) -> dict:
     for i, layer in enumerate(model.model.layers):
         prefix = f"model.layers.{i}.{block}.experts"
         count = len({k.split(".")[5] for k in sd if k.startswith(prefix + ".")})
+        if not count:  # a dense layer among the MoE ones (GLM-4.5's first_k_dense_replace, Qwen's mlp_only_layers)
+            continue
         experts = [tuple(FakeQuantLinear(sd.pop(f"{prefix}.{e}.{n}.weight"), sd.pop(f"{prefix}.{e}.{n}.weight_scale"),
                                          None) for n in names) for e in range(count)]
         layer.mlp.experts = FakeQuantExperts(experts)

@@ -13,9 +13,11 @@ import torch
 
 ARCHS = ("OPTForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
          "Phi3ForCausalLM", "BloomForCausalLM", "FalconForCausalLM", "GemmaForCausalLM",
-         "Gemma2ForCausalLM", "Gemma3ForCausalLM")
-# Mixtures of experts: 4 experts, top-2 (Qwen2-MoE with a shared expert); built by tiny_config like the dense ones.
-MOE_ARCHS = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM")
+         "Gemma2ForCausalLM", "Gemma3ForCausalLM", "GlmForCausalLM", "Glm4ForCausalLM", "GraniteForCausalLM",
+         "CohereForCausalLM", "GPTNeoXForCausalLM")
+# Mixtures of experts: 4 experts, top-2 (Qwen2-MoE and GLM-4.5 with a shared expert; GLM-4.5's layer 0 dense, its
+# first_k_dense_replace); built by tiny_config like the dense ones.
+MOE_ARCHS = ("MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM", "Glm4MoeForCausalLM")
 WORDS = (
     "the of and to in a is that for it as was with be by on not he this are or his from at which but have an they "
     "you were her she there one all we their its been has more if no when will would who so my what up out them "
@@ -53,6 +55,21 @@ def tiny_config(arch: str, hidden: int = 64, layers: int = 2, heads: int = 4, kv
                                          multi_query=True, bias=False, alibi=False, **common)
     if arch in MOE_ARCHS:
         return _moe_config(arch, hidden, kv_heads, common)
+    if arch == "GPTNeoXForCausalLM":  # per-head fused query_key_value, partial rotary, parallel residual
+        return transformers.GPTNeoXConfig(hidden_size=hidden, intermediate_size=4 * hidden, rotary_pct=0.25,
+                                          use_parallel_residual=True, tie_word_embeddings=False, **common)
+    if arch == "GraniteForCausalLM":  # multipliers away from 1: the engine must apply them as transformers does
+        return transformers.GraniteConfig(hidden_size=hidden, intermediate_size=3 * hidden, num_key_value_heads=kv_heads,
+                                          embedding_multiplier=4.0, residual_multiplier=0.5, attention_multiplier=0.2,
+                                          logits_scaling=2.0, tie_word_embeddings=False, **common)
+    if arch == "CohereForCausalLM":  # with the optional q/k norms
+        return transformers.CohereConfig(hidden_size=hidden, intermediate_size=3 * hidden, num_key_value_heads=kv_heads,
+                                         use_qk_norm=True, tie_word_embeddings=True, **common)
+    if arch in ("GlmForCausalLM", "Glm4ForCausalLM"):  # fused gate_up_proj, q/k/v bias, partial rotary
+        cls = "GlmConfig" if arch == "GlmForCausalLM" else "Glm4Config"
+        return getattr(transformers, cls)(hidden_size=hidden, intermediate_size=3 * hidden, num_key_value_heads=kv_heads,
+                                          head_dim=hidden // heads, attention_bias=True, tie_word_embeddings=False,
+                                          **common)
     if arch.startswith("Gemma"):
         cls = {"GemmaForCausalLM": "GemmaConfig", "Gemma2ForCausalLM": "Gemma2Config",
                "Gemma3ForCausalLM": "Gemma3TextConfig"}[arch]
@@ -71,6 +88,11 @@ def _moe_config(arch: str, hidden: int, kv_heads: int, common: dict):
     moe = dict(num_experts_per_tok=2, num_key_value_heads=kv_heads, tie_word_embeddings=False, **common)
     if arch == "MixtralForCausalLM":
         return transformers.MixtralConfig(hidden_size=hidden, intermediate_size=hidden, num_local_experts=4, **moe)
+    if arch == "Glm4MoeForCausalLM":
+        return transformers.Glm4MoeConfig(hidden_size=hidden, intermediate_size=2 * hidden, moe_intermediate_size=hidden,
+                                          n_routed_experts=4, n_shared_experts=1, first_k_dense_replace=1, n_group=1,
+                                          topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.5,
+                                          head_dim=hidden // common["num_attention_heads"], use_qk_norm=False, **moe)
     qwen = dict(hidden_size=hidden, moe_intermediate_size=hidden, intermediate_size=2 * hidden, num_experts=4,
                 norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], **moe)
     if arch == "Qwen3MoeForCausalLM":
@@ -87,8 +109,10 @@ def _inject_expert_outliers(module, g: torch.Generator, factor: float) -> None:
         for e in range(module.gate_up_proj.shape[0]):
             idx = inter + torch.randperm(inter, generator=g)[:2]
             module.gate_up_proj[e, idx] *= factor / 3
-    elif type(module).__name__.endswith("TopKRouter"):
+    elif type(module).__name__.lower().endswith("topkrouter"):
         module.weight.normal_(0, 0.3, generator=g)
+        if getattr(module, "e_score_correction_bias", None) is not None:  # GLM-4.5's sigmoid router
+            module.e_score_correction_bias.normal_(0, 0.05, generator=g)
 
 
 @torch.no_grad()
@@ -111,6 +135,12 @@ def inject_outliers(model, seed: int = 0, factor: float = 30.0) -> None:
                 m.bias.normal_(0, 0.5, generator=g)
         elif leaf in ("v_proj", "up_proj", "fc1"):
             idx = torch.randperm(w.shape[0], generator=g)[:2]
+            w[idx] *= factor / 3
+        elif leaf == "gate_up_proj" and model.config.model_type in ("glm", "glm4"):  # rows of the up half
+            idx = w.shape[0] // 2 + torch.randperm(w.shape[0] // 2, generator=g)[:2]
+            w[idx] *= factor / 3
+        elif leaf == "query_key_value" and model.config.model_type == "gpt_neox":  # any rows, v's among them
+            idx = torch.randperm(w.shape[0], generator=g)[:6]
             w[idx] *= factor / 3
 
 

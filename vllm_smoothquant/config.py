@@ -9,7 +9,7 @@ import torch
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 
-from .format import QUANT_METHOD, ActivationScheme, FormatError, SmoothQuantFormat
+from .format import QUANT_METHOD, ActivationScheme, FormatError, SmoothQuantFormat, _matches
 
 
 class SmoothQuantConfig(QuantizationConfig):
@@ -115,13 +115,11 @@ class SmoothQuantConfig(QuantizationConfig):
             return False
         if self.fmt.is_ignored(prefix):
             return True
-        parent, _, leaf = prefix.rpartition(".")
-        shards = self.packed_modules_mapping.get(leaf) or [leaf]
-        names = [f"{parent}.{s}" if parent else s for s in shards]
+        names = self._checkpoint_modules(prefix)
         ignored = {n: self.fmt.is_ignored(n) for n in names}
         if len(set(ignored.values())) > 1:
             raise FormatError(
-                f"{prefix}: vLLM runs {', '.join(shards)} as one fused layer, but quantization_config['ignore'] keeps "
+                f"{prefix}: vLLM runs {', '.join(n.rpartition('.')[2] for n in names)} as one fused layer, but quantization_config['ignore'] keeps "
                 f"only {', '.join(n for n, i in ignored.items() if i)} unquantized; list all of them or none."
             )
         return all(ignored.values())
@@ -136,14 +134,28 @@ class SmoothQuantConfig(QuantizationConfig):
             raise FormatError(f"{prefix}: quantization_config['ignore'] keeps {hit} unquantized, but vllm-smoothquant "
                               f"runs MoE experts in int8 only; {fix}.")
 
+    def _checkpoint_modules(self, prefix: str) -> list[str]:
+        """The checkpoint's modules that vLLM's layer ``prefix`` holds: the shards of its ``packed_modules_mapping``
+        (qkv_proj -> q_proj, k_proj, v_proj), or the layer itself where the checkpoint stores the fused layer under
+        vLLM's name although the mapping lists shards (GLM / GLM-4's gate_up_proj: vLLM's Llama-style mapping says
+        gate_proj, up_proj). The format names a module only as the checkpoint does, so a layer named in ``ignore``,
+        an activation override or the rotation's targets is such a fused layer."""
+        parent, _, leaf = prefix.rpartition(".")
+        shards = self.packed_modules_mapping.get(leaf) or [leaf]
+        fmt = self.fmt
+        if leaf not in shards and (fmt.is_ignored(prefix) or any(_matches(prefix, k) for k in fmt.activation_overrides)
+                                   or (fmt.rotation is not None and fmt.rotation.block_for(prefix) is not None)):
+            return [prefix]
+        return [f"{parent}.{s}" if parent else s for s in shards]
+
     def rotation_for(self, prefix: str) -> int | None:
         """The Hadamard block of the layer's input rotation (format 3 ``rotation``), or None. A fused layer's shards
         share one input, so they must all be rotated or none."""
         if self.fmt.rotation is None:
             return None
-        parent, _, leaf = prefix.rpartition(".")
-        shards = self.packed_modules_mapping.get(leaf) or [leaf]
-        blocks = {self.fmt.rotation.block_for(f"{parent}.{s}" if parent else s) for s in shards}
+        names = self._checkpoint_modules(prefix)
+        shards = [n.rpartition(".")[2] for n in names]
+        blocks = {self.fmt.rotation.block_for(n) for n in names}
         if len(blocks) > 1:
             raise FormatError(f"{prefix}: vLLM runs {', '.join(shards)} as one fused layer with one input, but "
                               "quantization_config['rotation']['targets'] rotates only some of them; list all of them "
@@ -152,9 +164,8 @@ class SmoothQuantConfig(QuantizationConfig):
 
     def activations_for(self, prefix: str) -> ActivationScheme:
         """The layer's activation scheme; the shards of a fused layer (qkv_proj = q, k, v) must agree."""
-        parent, _, leaf = prefix.rpartition(".")
-        shards = self.packed_modules_mapping.get(leaf) or [leaf]
-        names = [f"{parent}.{s}" if parent else s for s in shards]
+        names = self._checkpoint_modules(prefix)
+        shards = [n.rpartition(".")[2] for n in names]
         schemes = {n: self.fmt.activations_for(n) for n in names}
         if len(set(schemes.values())) > 1:
             detail = ", ".join(f"{n}: {'static' if not a.dynamic else 'token'}" for n, a in schemes.items())

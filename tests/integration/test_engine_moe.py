@@ -1,4 +1,5 @@
-"""Mixtures of experts in a real vLLM engine: CLI-made Mixtral / Qwen3-MoE / Qwen2-MoE checkpoints served with int8
+"""Mixtures of experts in a real vLLM engine: CLI-made Mixtral / Qwen3-MoE / Qwen2-MoE / GLM-4.5 (layer 0 dense, sigmoid
+router with correction bias, shared expert) checkpoints served with int8
 experts (vLLM's int8 fused-MoE kernel, or the per-expert int8 linear path where the CPU has none), against the fp32
 fake-quant reference (tests/reference.py). One engine per family, shared by its tests.
 
@@ -64,11 +65,13 @@ def test_experts_are_int8_and_routers_stay_unquantized(engine):
 
     arch, _, llm = engine
     moe = llm.apply_model(moe_quant_methods)[0]
-    assert len(moe) == 2 and set(moe.values()) <= MOE_METHODS, moe  # one experts layer per decoder layer
+    moe_layers = 1 if arch == "Glm4MoeForCausalLM" else 2  # GLM-4.5's layer 0 is dense (first_k_dense_replace)
+    assert len(moe) == moe_layers and set(moe.values()) <= MOE_METHODS, moe  # one experts layer per MoE layer
     linears = llm.apply_model(quant_methods)[0]
     routers = {n: m for n, m in linears.items() if n.endswith((".gate", ".shared_expert_gate"))}
     assert routers and set(routers.values()) == {"UnquantizedLinearMethod"}, routers
-    attention = {n: m for n, m in linears.items() if ".self_attn." in n or ".shared_expert." in n}
+    attention = {n: m for n, m in linears.items() if ".self_attn." in n or ".shared_expert" in n or
+                 ".layers.0.mlp." in n and moe_layers == 1}  # + the dense layer's MLP
     assert attention and set(attention.values()) == {"SmoothQuantLinearMethod"}, attention
 
 

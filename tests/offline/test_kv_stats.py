@@ -9,7 +9,8 @@ from vllm_smoothquant.offline.streaming import capture_layer_inputs, run_layer
 
 ARCH_IDS = lambda a: a.removesuffix("ForCausalLM")  # noqa: E731
 # The decoder layer's attention module (whose <name>.k_scale vLLM loads into <name>.attn), per architecture.
-ATTENTION = {"BloomForCausalLM": "self_attention", "FalconForCausalLM": "self_attention"}
+ATTENTION = {"BloomForCausalLM": "self_attention", "FalconForCausalLM": "self_attention",
+             "GPTNeoXForCausalLM": "attention"}
 
 
 def _attention(arch: str) -> str:

@@ -22,11 +22,17 @@ from vllm_smoothquant.offline.pipeline import quantize
 from vllm_smoothquant.offline.streaming import record_inputs
 
 ids = pytest.mark.parametrize("arch", MOE_ARCHS, ids=lambda a: a.removesuffix("ForCausalLM"))
+# with dense decoder layers among the MoE ones too: GLM-4.5's first_k_dense_replace (its tiny model: layer 0 dense),
+# Qwen-MoE's mlp_only_layers and decoder_sparse_step
+MIXED = [pytest.param(a, None, id=a.removesuffix("ForCausalLM")) for a in MOE_ARCHS] + [
+    pytest.param("Qwen3MoeForCausalLM", {"mlp_only_layers": [0]}, id="Qwen3Moe-mlp_only_layers"),
+    pytest.param("Qwen2MoeForCausalLM", {"decoder_sparse_step": 2},
+                 id="Qwen2Moe-decoder_sparse_step")]
 OPTS = QuantizeOptions(num_samples=4, seq_len=32)
 
 
-def _split(arch):
-    model = tiny_model(arch)
+def _split(arch, overrides=None):
+    model = tiny_model(arch, config_overrides=overrides)
     mapping = mapping_for(model.config)
     with torch.no_grad():
         tokens = torch.randint(3, 512, (2, 40), generator=torch.Generator().manual_seed(1))
@@ -35,28 +41,39 @@ def _split(arch):
         return model, mapping, tokens, before
 
 
-@ids
-def test_split_experts_is_the_same_model_under_checkpoint_names(arch):
-    model, mapping, tokens, before = _split(arch)
+def _moe_layers(model, mapping) -> list[int]:
+    return sorted(mapping.moe.moe_layers(model.config, model.config.num_hidden_layers))
+
+
+@pytest.mark.parametrize("arch, overrides", MIXED)
+def test_split_experts_is_the_same_model_under_checkpoint_names(arch, overrides):
+    model, mapping, tokens, before = _split(arch, overrides)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, before, rtol=1e-5, atol=1e-5)
     names = set(model.state_dict())
     moe = mapping.moe
-    for e in range(getattr(model.config, moe.num_experts)):
-        for w in range(3):
-            assert f"model.layers.0.{moe.expert_linear(e, w)}.weight" in names
-    assert f"model.layers.0.{moe.block}.gate.weight" in names
+    moe_layers = _moe_layers(model, mapping)
+    assert moe_layers == ([1] if arch.startswith("Glm4Moe") or overrides else [0, 1])
+    for i in range(model.config.num_hidden_layers):
+        for e in range(getattr(model.config, moe.num_experts)):
+            for w in range(3):
+                assert (f"model.layers.{i}.{moe.expert_linear(e, w)}.weight" in names) == (i in moe_layers)
+        assert (f"model.layers.{i}.{moe.block}.gate.weight" in names) == (i in moe_layers)
+        assert (f"model.layers.{i}.mlp.down_proj.weight" in names) == (i not in moe_layers)  # a dense layer's MLP
     assert not any("gate_up_proj" in n for n in names)
 
 
-@ids
-def test_smoothing_is_exact_on_fp32_logits_with_every_expert_and_the_router(arch):
+@pytest.mark.parametrize("arch, overrides", MIXED)
+def test_smoothing_is_exact_on_fp32_logits_with_every_expert_and_the_router(arch, overrides):
     """Norm -> router + every expert's gate/up (+ shared expert), v -> o, each expert's up -> down: fp32 logits
-    unchanged (1e-4 relative); every expert smoothed, with its own tokens counted."""
-    model, mapping, tokens, before = _split(arch)
+    unchanged (1e-4 relative); every expert smoothed, with its own tokens counted; a dense layer among the MoE ones
+    gets Llama's gate_up and down."""
+    model, mapping, tokens, before = _split(arch, overrides)
     absmax = input_absmax(model, tokens)
     layers = model.get_submodule(mapping.layers)
-    with record_inputs({n: m for n, m in layers[0].named_modules() if isinstance(m, torch.nn.Linear)}) as (a0, _):
+    moe_layers = _moe_layers(model, mapping)
+    first = layers[moe_layers[0]]
+    with record_inputs({n: m for n, m in first.named_modules() if isinstance(m, torch.nn.Linear)}) as (a0, _):
         with torch.no_grad():
             model(tokens)
     counts = a0.rows
@@ -65,14 +82,22 @@ def test_smoothing_is_exact_on_fp32_logits_with_every_expert_and_the_router(arch
         prefix = f"{mapping.layers}.{i}."
         local = type(a0)()
         local.update({k.removeprefix(prefix): v for k, v in absmax.items() if k.startswith(prefix)})
-        local.rows.update(counts)  # layer 0's counts stand for all layers here: all above MIN_EXPERT_TOKENS
-        reports += smooth_layer(layer, i, list(mapping.groups), local, 0.5, attention_heads(model.config))[1]
+        local.rows.update(counts)  # the first MoE layer's counts stand for all here: all above MIN_EXPERT_TOKENS
+        groups = mapping.layer_groups(mapping.groups, i in moe_layers)
+        got = smooth_layer(layer, i, groups, local, 0.5, attention_heads(model.config))[1]
+        expected = {"qkv", "o"} | ({"moe", "down"} if i in moe_layers else {"gate_up", "down"})
+        assert {r.group.split(".")[0] for r in got} >= expected - {"moe"} and (i in moe_layers) == any(
+            r.group == "moe" for r in got), [r.group for r in got]
+        reports += got
     with torch.no_grad():
         after = model(tokens).logits
     assert ((after - before).norm() / before.norm()).item() < 1e-4
     experts = getattr(model.config, mapping.moe.num_experts)
     downs = [r for r in reports if r.group.startswith("down.")]
-    assert len(downs) == experts * len(layers) and all(r.fallback is None for r in downs)
+    assert len(downs) == experts * len(moe_layers)
+    # smoothed unless its expert saw too few tokens (GLM-4.5's tiny sigmoid router sends one expert < 16 of 160)
+    assert all((r.fallback is None) == (r.tokens >= MIN_EXPERT_TOKENS) for r in downs)
+    assert sum(r.fallback is None for r in downs) >= len(downs) - 1
     moe = next(r for r in reports if r.group == "moe")
     assert len(moe.tokens) == experts and sum(moe.tokens) == tokens.numel() * model.config.num_experts_per_tok
     assert moe.act_max_after < moe.act_max_before
@@ -133,7 +158,9 @@ def test_lazy_and_in_memory_give_the_same_checkpoint_with_per_expert_names(arch,
     assert f"model.layers.1.{moe.block}.gate" in qc["ignore"]
     report = json.loads((tmp_path / "lazy" / "smoothquant" / "report.json").read_text())
     moe_groups = [g for g in report["groups"] if g["group"] == "moe"]
-    assert len(moe_groups) == 2 and all(len(g["tokens"]) == 4 and sum(g["tokens"]) == 4 * 32 * 2 for g in moe_groups)
+    n_moe = 1 if arch.startswith("Glm4Moe") else 2  # GLM-4.5's layer 0 is dense (first_k_dense_replace)
+    assert len(moe_groups) == n_moe and all(len(g["tokens"]) == 4 and sum(g["tokens"]) == 4 * 32 * 2
+                                            for g in moe_groups)
 
 
 def test_cli_quantizes_a_mixtral(tmp_path):
@@ -153,6 +180,28 @@ def test_cli_quantizes_a_mixtral(tmp_path):
     assert (f"    0 experts: up->down smoothed in {smoothed} of {len(downs)}; calibration tokens per expert min "
             f"{tokens[0]}, median {tokens[len(tokens) // 2]}, max {tokens[-1]}") in out.stdout
     assert " down.0 " not in out.stdout
+
+
+def test_cli_quantizes_a_glm45_with_a_dense_first_layer(tmp_path):
+    """GLM-4.5: layer 0 dense (first_k_dense_replace = 1) gets Llama's groups and int8 gate/up/down, layer 1 the MoE
+    groups; only layer 1's router is kept unquantized, with its e_score_correction_bias beside it."""
+    model = save_tiny("Glm4MoeForCausalLM", tmp_path / "model")
+    cli = Path(sys.executable).with_name("vllm-smoothquant")
+    out = subprocess.run([str(cli), "quantize", str(model), str(tmp_path / "out"), "--calib",
+                          str(calib_text(tmp_path / "calib.txt")), "--num-samples", "4", "--seq-len", "32"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    t = load_file(tmp_path / "out" / "model.safetensors")
+    assert all(t[f"model.layers.0.mlp.{n}.weight"].dtype == torch.int8 for n in ("gate_proj", "up_proj", "down_proj"))
+    assert t["model.layers.1.mlp.experts.3.down_proj.weight"].dtype == torch.int8
+    assert t["model.layers.1.mlp.shared_experts.down_proj.weight"].dtype == torch.int8
+    assert "model.layers.1.mlp.gate.e_score_correction_bias" in t and "model.layers.0.mlp.gate.weight" not in t
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert [n for n in qc["ignore"] if ".mlp." in n] == ["model.layers.1.mlp.gate"]
+    report = json.loads((tmp_path / "out" / "smoothquant" / "report.json").read_text())
+    groups = {layer: {g["group"].split(".")[0] for g in report["groups"] if g["layer"] == layer} for layer in (0, 1)}
+    assert groups == {0: {"qkv", "gate_up", "o", "down"}, 1: {"qkv", "moe", "o", "down", "shared_down"}}
+    assert [x["layer"] for x in report["smoothing_guard"]["layers"]] == [0, 1]
 
 
 def _with_extra_expert(model: Path) -> None:

@@ -61,7 +61,7 @@ def _logits(model, ids):
         return model(ids).logits
 
 
-NORM_PAIRS = ("qkv", "gate_up", "fc1", "qkv_fc1")  # groups fed by a norm (Falcon: one norm, attention + MLP)
+NORM_PAIRS = ("qkv", "gate_up", "fc1", "qkv_fc1", "qkv_gate_up")  # fed by a norm (Falcon, Command-R: one norm, both)
 GROUPS = {"norm-pairs": NORM_PAIRS, "all-pairs": None}
 
 

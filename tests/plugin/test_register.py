@@ -70,3 +70,24 @@ def test_fused_layers_take_the_override_of_all_their_shards():
     cfg.fmt = SmoothQuantFormat(activations=static, activation_overrides={"q_proj": ActivationScheme()})
     with pytest.raises(FormatError, match="q_proj, k_proj, v_proj as one fused layer"):
         cfg.activations_for("model.layers.0.self_attn.qkv_proj")
+
+
+def test_a_fused_layer_the_checkpoint_names_itself_takes_its_own_scheme():
+    """GLM-4: the checkpoint stores mlp.gate_up_proj fused, vLLM's packed_modules_mapping lists gate_proj/up_proj:
+    an override, an ignore entry or a rotation target naming gate_up_proj applies to vLLM's gate_up_proj."""
+    from vllm.model_executor.layers.linear import UnquantizedLinearMethod
+
+    from vllm_smoothquant.config import SmoothQuantConfig
+    from vllm_smoothquant.format import ActivationScheme
+
+    static = ActivationScheme("tensor", dynamic=False)
+    cfg = SmoothQuantConfig(SmoothQuantFormat(activation_overrides={"gate_up_proj": static}))
+    cfg.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    assert cfg.activations_for("model.layers.0.mlp.gate_up_proj") == static
+    assert cfg.activations_for("model.layers.0.self_attn.qkv_proj").dynamic
+    cfg.fmt = SmoothQuantFormat(ignore=("lm_head", "model.layers.1.mlp.gate_up_proj"))
+    from vllm.model_executor.layers.linear import ReplicatedLinear
+
+    layer = ReplicatedLinear.__new__(ReplicatedLinear)  # only its type matters to get_quant_method
+    assert isinstance(cfg.get_quant_method(layer, "model.layers.1.mlp.gate_up_proj"), UnquantizedLinearMethod)
+    assert not isinstance(cfg.get_quant_method(layer, "model.layers.0.mlp.gate_up_proj"), UnquantizedLinearMethod)
