@@ -190,8 +190,9 @@ class SmoothQuantLinearMethod(LinearMethodBase):
                     f"one); serve this checkpoint without --quantization smoothquant."
                 )
 
-        holder = torch.nn.Module()
-        holder.register_parameter("weight", BasevLLMParameter(data=torch.empty(0), weight_loader=load))
+        holder = torch.nn.Module()  # a plain parameter (nothing to shard): vLLM's loaders call its weight_loader
+        holder.weight = torch.nn.Parameter(torch.empty(0), requires_grad=False)
+        holder.weight.weight_loader = load
         return holder
 
     def _input_rotation(self, input_size_per_partition: int, input_size: int) -> InputRotation:

@@ -22,6 +22,14 @@ pytestmark = [
 ]
 
 
+def _report(record: dict, env: str) -> None:
+    """Print the measured numbers, and write them as JSON to the file named by the environment variable ``env``."""
+    print(json.dumps(record, indent=2))
+    if path := os.environ.get(env):
+        with open(path, "w") as f:
+            json.dump(record, f, indent=2)
+
+
 def _run(model_dir, quantization, prompts, tp: int = 1):
     r = run_engine(model_dir, quantization, prompts, tp)
     return r["tokens"], r["logprobs"], r["methods"]
@@ -44,10 +52,7 @@ def test_smoothquant_matches_stock_w8a8_and_stays_near_fp16(llama, prompts):
         "mean_abs_prompt_logprob_diff_sq_vs_fp16": drift,
         "greedy_sequences_equal_sq_vs_fp16": f"{sum(a == b for a, b in zip(sq_tok, fp_tok))}/{PROMPTS}",
     }
-    print(json.dumps(record, indent=2))
-    if path := os.environ.get("SQ_GPU_RECORD"):
-        with open(path, "w") as f:
-            json.dump(record, f, indent=2)
+    _report(record, "SQ_GPU_RECORD")
     assert same_tokens == PROMPTS
     assert torch.equal(sq_lp, ct_lp), sq_vs_ct  # bit-identical, as docs/TESTING.md says
     assert drift < 0.1
@@ -70,10 +75,7 @@ def test_rotated_checkpoint_matches_stock_transforms_and_eager(llama_rotated, pr
         "max_abs_prompt_logprob_diff_compiled_vs_eager": (sq_lp - eager["logprobs"]).abs().max().item(),
         "mean_abs_prompt_logprob_diff_sq_vs_fp16": (sq_lp - fp_lp).abs().mean().item(),
     }
-    print(json.dumps(record, indent=2))
-    if path := os.environ.get("SQ_GPU_ROT_RECORD"):
-        with open(path, "w") as f:
-            json.dump(record, f, indent=2)
+    _report(record, "SQ_GPU_ROT_RECORD")
     assert set(sq_methods.values()) == {"SmoothQuantLinearMethod"}
     assert record["stock_down_proj_method"] == "CompressedTensorsLinearTransformMethod"
     assert sq_tok == ct_tok and torch.equal(sq_lp, ct_lp), record
@@ -101,10 +103,7 @@ def test_tensor_parallel_2(llama, prompts):
         "greedy_equal_sq_tp2_vs_stock_tp2": f"{sum(a == b for a, b in zip(tok2, ct_tok2))}/{PROMPTS}",
         "max_abs_prompt_logprob_diff_sq_tp2_vs_stock_tp2": (lp2 - ct_lp2).abs().max().item(),
     }
-    print(json.dumps(record, indent=2))
-    if path := os.environ.get("SQ_TP_RECORD"):
-        with open(path, "w") as f:
-            json.dump(record, f, indent=2)
+    _report(record, "SQ_TP_RECORD")
     assert set(methods.values()) == {"SmoothQuantLinearMethod"}
     assert tok2 == ct_tok2
     assert torch.equal(lp2, ct_lp2), (lp2 - ct_lp2).abs().max().item()  # bit-identical, as docs/TESTING.md says

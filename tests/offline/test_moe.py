@@ -163,13 +163,19 @@ def test_lazy_and_in_memory_give_the_same_checkpoint_with_per_expert_names(arch,
                                             for g in moe_groups)
 
 
-def test_cli_quantizes_a_mixtral(tmp_path):
-    model = save_tiny("MixtralForCausalLM", tmp_path / "model")
+def _cli_quantize(model: Path, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``vllm-smoothquant quantize MODEL tmp_path/out`` through the console script (4 windows of 32 tokens)."""
     cli = Path(sys.executable).with_name("vllm-smoothquant")
     out = subprocess.run([str(cli), "quantize", str(model), str(tmp_path / "out"), "--calib",
                           str(calib_text(tmp_path / "calib.txt")), "--num-samples", "4", "--seq-len", "32"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
+    return out
+
+
+def test_cli_quantizes_a_mixtral(tmp_path):
+    model = save_tiny("MixtralForCausalLM", tmp_path / "model")
+    out = _cli_quantize(model, tmp_path)
     names = load_file(tmp_path / "out" / "model.safetensors")
     assert "model.layers.0.block_sparse_moe.experts.3.w2.weight_scale" in names
     # the summary gives one line per MoE layer for its experts' up->down groups, not one row per expert
@@ -186,11 +192,7 @@ def test_cli_quantizes_a_glm45_with_a_dense_first_layer(tmp_path):
     """GLM-4.5: layer 0 dense (first_k_dense_replace = 1) gets Llama's groups and int8 gate/up/down, layer 1 the MoE
     groups; only layer 1's router is kept unquantized, with its e_score_correction_bias beside it."""
     model = save_tiny("Glm4MoeForCausalLM", tmp_path / "model")
-    cli = Path(sys.executable).with_name("vllm-smoothquant")
-    out = subprocess.run([str(cli), "quantize", str(model), str(tmp_path / "out"), "--calib",
-                          str(calib_text(tmp_path / "calib.txt")), "--num-samples", "4", "--seq-len", "32"],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
+    out = _cli_quantize(model, tmp_path)
     t = load_file(tmp_path / "out" / "model.safetensors")
     assert all(t[f"model.layers.0.mlp.{n}.weight"].dtype == torch.int8 for n in ("gate_proj", "up_proj", "down_proj"))
     assert t["model.layers.1.mlp.experts.3.down_proj.weight"].dtype == torch.int8

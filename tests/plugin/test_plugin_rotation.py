@@ -61,3 +61,23 @@ def test_config_rotates_only_the_targets_and_refuses_a_half_rotated_fused_layer(
     with pytest.raises(FormatError, match="model.layers.0.mlp.gate_up_proj: vLLM runs gate_proj, up_proj as one "
                                           "fused layer with one input"):
         half.rotation_for("model.layers.0.mlp.gate_up_proj")
+
+
+def test_a_compressed_tensors_rotation_matrix_is_checked_as_it_loads():
+    """A compressed-tensors checkpoint's <linear>.R4_input.weight: compressed-tensors' deterministic Hadamard matrix
+    loads (and is dropped); any other matrix is an error naming the tensor and the fix."""
+    from compressed_tensors.transform import deterministic_hadamard_matrix
+
+    from vllm_smoothquant.format import COMPRESSED_TENSORS
+    from vllm_smoothquant.linear_method import SmoothQuantLinearMethod
+
+    fmt = SmoothQuantFormat(rotation=FMT.rotation, quant_method=COMPRESSED_TENSORS, rotation_tensor="R4_input")
+    holder = SmoothQuantLinearMethod(fmt, "model.layers.3.mlp.down_proj", rotation_block=64)._rotation_matrix()
+    good = deterministic_hadamard_matrix(64, torch.bfloat16)
+    holder.weight.weight_loader(holder.weight, good)
+    bad = good.clone()
+    bad[0, 1] = -bad[0, 1]
+    with pytest.raises(CheckpointTensorError, match=r"model\.layers\.3\.mlp\.down_proj\.R4_input\.weight: .*not "
+                                                    r"compressed-tensors' deterministic_hadamard_matrix\(64\).*without "
+                                                    r"--quantization smoothquant"):
+        holder.weight.weight_loader(holder.weight, bad)
