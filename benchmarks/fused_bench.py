@@ -1,5 +1,5 @@
-"""Fused activation quant (issue 11): decode latency of stock vLLM W8A8 vs SmoothQuant with the quant fused vs not, with
-interleaved repeats in one process, and an engine-level kernel profile by category.
+"""The fused RMSNorm -> int8 kernel (issue 26, ``fused_quant.py``): throughput and latency of stock vLLM W8A8 vs
+SmoothQuant with the fusion (the default) vs without, interleaved repeats in one process, and a kernel profile.
 
     python benchmarks/gpu_bench.py build --shape llama-3-8b --root R --tokenizer TOK --device cuda
     python benchmarks/fused_bench.py latency --shape llama-3-8b --root R --out lat.json
@@ -7,9 +7,11 @@ interleaved repeats in one process, and an engine-level kernel profile by catego
     python benchmarks/fused_bench.py report --latency-json lat.json --profile-json prof.json --out results/NAME.md
 
 `latency`: every variant's engine is built once (vLLM's defaults: torch.compile + CUDA graphs, each engine a share
-of the GPU) and the measurements rotate through them -- repeat r, batch size b, variant v -- so a drift of the
-machine hits every variant alike. One measurement is what `vllm bench latency` times: `LLM.generate` of b dummy
-prompts (input_len token ids, ignore_eos, max_tokens output_len), mean over `--iters` after a warm-up.
+of the GPU) and the measurements rotate through them -- repeat r, workload, variant v -- so a drift of the
+machine hits every variant alike. A latency measurement is what `vllm bench latency` times: `LLM.generate` of b
+dummy prompts (input_len token ids, ignore_eos, max_tokens output_len), mean over `--iters` after a warm-up. With
+`--throughput-prompts N` each repeat also times what `vllm bench throughput` does: N random prompts of
+`--throughput-input` tokens, `--throughput-output` out, in one `LLM.generate`; total (prompt + output) tokens/s.
 `profile`: vLLM's torch profiler around decode steps (batch 1 and 64) per variant; kernel time by category
 (GEMM, activation quant, norm, attention, activation function, sampling, other) and the GPU-idle share of the window.
 Random weights: speed only.
@@ -32,20 +34,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_bench import _dirs  # noqa: E402
 
-FUSED = {"smoothquant": {"fused_quant": ["norm", "act"]}}
+UNFUSED = {"smoothquant": {"fused_quant": False}}
 # variant -> (checkpoint variant in gpu_bench's build, quantization, additional_config)
 VARIANTS = {
     "fp16": ("fp16", None, None),
     "stock_w8a8": ("stock_w8a8", None, None),
-    "smoothquant": ("smoothquant", "smoothquant", None),  # the default: vLLM's quant kernel, as stock
-    "smoothquant_fused": ("smoothquant", "smoothquant", FUSED),  # quant fused into the norm / activation kernel
+    "smoothquant": ("smoothquant", "smoothquant", None),  # the default: RMSNorm -> int8 in vLLM's fused kernel
+    "smoothquant_unfused": ("smoothquant", "smoothquant", UNFUSED),  # the norm, then vLLM's quant kernel, as stock
 }
 
 # kernel name -> category. Inductor names a Triton kernel after the ops it fused (and after ops whose output buffers
-# it allocates: stock's norm kernel is "..._dynamic_scaled_int8_quant_fused_add_rms_norm", no quant in it); the
-# quant in native torch shows as "amax" in the name.
+# it allocates: stock's norm kernel is "..._dynamic_scaled_int8_quant_fused_add_rms_norm", no quant in it).
 NORM, ACT = r"rms_norm|rsqrt|layer_norm|var_mean", r"silu|sigmoid|relu|gelu"
 KERNELS = [
+    ("norm + int8 quant (vLLM fused kernel)", r"rms_norm_dynamic_per_token_quant|rms_norm.*per_token_quant"),
     ("activation quant (vLLM kernel)", r"scaled_int8_quant_kernel|scaled_fp8_quant|per_token_quant"),
     ("attention", r"flash|fmha|attn|attention|paged|reshape_and_cache"),  # before GEMM: FlashAttention is CUTLASS
     ("GEMM", r"cutlass_3x_gemm|gemm|nvjet|xmma|cublas|splitKreduce"),
@@ -55,12 +57,9 @@ KERNELS = [
 
 def _category(name: str) -> str:
     if name.startswith("triton"):
-        quant = "amax" in name
         if re.search(NORM, name):
-            return "norm + int8 quant (fused)" if quant else "norm"
-        if re.search(ACT, name):
-            return "act fn + int8 quant (fused)" if quant else "activation function"
-        return "int8 quant (Triton, alone)" if quant else "other"
+            return "norm"
+        return "activation function" if re.search(ACT, name) else "other"
     for cat, pat in KERNELS:
         if re.search(pat, name, re.I):
             return cat
@@ -90,6 +89,13 @@ def _generate(llm, batch: int, input_len: int, output_len: int):
     llm.generate([{"prompt_token_ids": p} for p in ids], sampling_params=sp, use_tqdm=False)
 
 
+def _throughput(llm, prompts: int, input_len: int, output_len: int) -> float:
+    """Total tokens/s of one ``LLM.generate`` over ``prompts`` random prompts (as ``vllm bench throughput``)."""
+    t = time.perf_counter()
+    _generate(llm, prompts, input_len, output_len)
+    return prompts * (input_len + output_len) / (time.perf_counter() - t)
+
+
 def latency(args) -> dict:
     from vllm_smoothquant.offline.harness import provenance
 
@@ -98,7 +104,11 @@ def latency(args) -> dict:
         for b in args.batches:
             _generate(llm, b, args.input_len, args.output_len)
     runs: dict = {v: {str(b): [] for b in args.batches} for v in args.variants}
+    tput: dict = {v: [] for v in args.variants}
     for r in range(args.repeats):
+        for v, llm in engines.items() if args.throughput_prompts else ():
+            tput[v].append(_throughput(llm, args.throughput_prompts, args.throughput_input, args.throughput_output))
+            print(f"repeat {r} throughput {v:22s} {tput[v][-1]:,.0f} tok/s", flush=True)
         for b in args.batches:
             for v, llm in engines.items():
                 t = time.perf_counter()
@@ -108,10 +118,17 @@ def latency(args) -> dict:
                 print(f"repeat {r} batch {b:3d} {v:22s} {runs[v][str(b)][-1]:.4f} s", flush=True)
     summary = {v: {b: {"mean_s": statistics.mean(x), "stdev_s": statistics.stdev(x) if len(x) > 1 else 0.0,
                        "runs_s": x} for b, x in per.items()} for v, per in runs.items()}
-    return {**provenance(), "model": f"{args.shape} (random weights)", "measure": "LLM.generate latency "
-            f"(as vllm bench latency): {args.input_len} in / {args.output_len} out, mean of {args.iters} iters, "
-            f"{args.repeats} interleaved repeats, engines built once each at gpu_memory_utilization {args.util}",
-            "command": " ".join(sys.argv), "results": summary}
+    out = {**provenance(), "model": f"{args.shape} (random weights)", "measure": "LLM.generate latency "
+           f"(as vllm bench latency): {args.input_len} in / {args.output_len} out, mean of {args.iters} iters, "
+           f"{args.repeats} interleaved repeats, engines built once each at gpu_memory_utilization {args.util}",
+           "command": " ".join(sys.argv), "results": summary}
+    if args.throughput_prompts:
+        out["throughput"] = {
+            "measure": f"LLM.generate of {args.throughput_prompts} random prompts, {args.throughput_input} in / "
+                       f"{args.throughput_output} out (as vllm bench throughput): total tokens/s, one per repeat",
+            "results": {v: {"mean_tok_s": statistics.mean(x), "min_tok_s": min(x), "max_tok_s": max(x), "runs": x}
+                        for v, x in tput.items()}}
+    return out
 
 
 def _kernel_times(trace: Path) -> tuple[dict, float, float, list]:
@@ -238,12 +255,15 @@ def main() -> None:
     p.add_argument("--shape")
     p.add_argument("--root", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--variants", nargs="+", default=["stock_w8a8", "smoothquant_fused", "smoothquant"])
+    p.add_argument("--variants", nargs="+", default=["stock_w8a8", "smoothquant_unfused", "smoothquant"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=128)
+    p.add_argument("--throughput-prompts", type=int, default=0, help="latency: also time throughput (e.g. 1000)")
+    p.add_argument("--throughput-input", type=int, default=1024)
+    p.add_argument("--throughput-output", type=int, default=128)
     p.add_argument("--util", type=float, default=0.27, help="gpu_memory_utilization of each engine")
     p.add_argument("--profile-dir", default="/tmp/sq-profile")
     args = p.parse_args()

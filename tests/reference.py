@@ -32,18 +32,6 @@ def fake_quant_static(x: torch.Tensor, input_scale: torch.Tensor) -> torch.Tenso
     return torch.round(x / input_scale).clamp(-128, 127) * input_scale
 
 
-def cuda_int8_quant(x: torch.Tensor, input_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """vLLM's CUDA int8 quant kernels (csrc/quantization/w8a8/int8/scaled_quant.cu), in eager fp32 (IEEE
-    division on the CPU): per token ``scale = absmax / 127``, ``q = rni_sat(x * (127 / absmax))``, q = 0 for a
-    zero row; static ``q = rni_sat(x / scale)``. Returns (int8 values, scales)."""
-    x = x.float()
-    if input_scale is not None:
-        return torch.round(x / input_scale.float()).clamp(-128, 127).to(torch.int8), input_scale
-    absmax = x.abs().amax(dim=-1, keepdim=True)
-    inv = torch.where(absmax == 0, torch.zeros_like(absmax), torch.full_like(absmax, 127.0) / absmax)
-    return torch.round(x * inv).clamp(-128, 127).to(torch.int8), absmax / 127.0
-
-
 def sylvester(b: int) -> torch.Tensor:
     """The orthonormal Sylvester Hadamard matrix of size b (float64), built by its recursion."""
     h = torch.ones(1, 1, dtype=torch.float64)

@@ -1,124 +1,198 @@
-"""Activation quant that vLLM's compiler fuses into the op before it: norm -> int8, SiLU-and-mul -> int8.
+"""RMSNorm -> int8 in one kernel: vLLM's ``rms_norm_dynamic_per_token_quant`` in place of the norm + quant pair.
 
-vLLM's int8 linear kernel quantizes each linear's input in a CUDA kernel of its own
-(``scaled_int8_quant``): the norm writes 16-bit activations, the quant kernel reads them back and
-writes int8. Under vLLM's default compilation (Inductor, custom ops off) norms, the residual add and
-activation functions (RMSNorm, LayerNorm with bias, SiLU-and-mul, GELU-and-mul, ReLU) are native torch,
-and Inductor generates their Triton kernels. Written in native torch too, the quant joins that kernel:
-one kernel reads the residual and writes the int8 row and its scale. The int8 GEMM stays vLLM's
-``cutlass_scaled_mm``. Nothing is compiled at install time; eager mode and the CPU keep vLLM's kernel.
+Unfused, an int8 linear after an RMSNorm costs two kernels: the norm (with the residual add before it) writes
+16-bit activations, and vLLM's ``dynamic_scaled_int8_quant`` reads them back to write int8 values and per-token
+scales. vLLM has the kernel that does both in one pass, ``rms_norm_dynamic_per_token_quant`` (int8 or fp8 out,
+optional residual add), and a compile pass that uses it -- for fp8 only (``RMSNormQuantFusionPass`` in
+``compilation/passes/fusion/rms_quant_fusion.py`` registers no int8 pattern, vLLM 0.26 and 0.32). This module is
+that pass for int8, modelled on vLLM's fp8 one: two patterns on vLLM's graph before it lowers its IR ops,
 
-The values are vLLM's, bit for bit (``csrc/quantization/w8a8/int8/scaled_quant.cu``):
-    dynamic per token:  scale = absmax / 127;  q = rni_sat(x * (127 / absmax))   (q = 0 where absmax = 0)
-    static per tensor:  q = rni_sat(x / scale)
-Two details keep Inductor's kernel on the same bits:
-  * the input is rounded to its 16-bit dtype first, by integer arithmetic on its fp32 bits: fused into the
-    producer, Inductor would otherwise quantize the producer's wider fp32 value, not the 16-bit activation;
-  * the divisions run in fp64 and are rounded to fp32: Triton's fp32 ``/`` is approximate, and an fp64
-    quotient of fp32 operands rounded to fp32 is the correctly rounded fp32 quotient (53 >= 2 * 24 + 2).
+    rms_norm(x, w, eps)                      -> scaled_int8_quant   =>  rms_norm_dynamic_per_token_quant(x, w, eps)
+    fused_add_rms_norm(x, residual, w, eps)  -> scaled_int8_quant   =>  ... (x, w, eps, residual=residual)
 
-Which linears take the fused path is the engine's choice, by the op that produces their input
-(``ROLES``): ``--additional-config '{"smoothquant": {"fused_quant": ["norm", "act"]}}'``, ``true`` for
-every role, ``false`` for none (the default: see ``ALL_ROLES``), parsed with the plugin's other options in
-``engine_options.py``.
+matched only where the norm's output feeds nothing but the quant (a MoE router reading the same norm output keeps
+the pair unfused) and only for the epsilon the pattern was registered with. The int8 GEMM stays vLLM's CUTLASS one.
+
+The plugin installs the pass in the engine's ``compilation_config.inductor_compile_config
+["post_grad_custom_post_pass"]``: vLLM's slot for one extra post-grad pass, which its pass manager runs after its
+own fusions and before lowering its IR ops, and hashes (``uuid``) into its compile-cache key. Nothing is installed
+unless the engine runs CUDA under vLLM's compilation (mode VLLM_COMPILE, Inductor) with ``fused_quant`` on (the
+default); eager mode and the CPU run vLLM's quant kernel after the norm. Not covered, because vLLM has no such
+kernel: static per-tensor input scales (``rms_norm_static_fp8_quant`` is fp8 only), LayerNorm families (OPT, BLOOM,
+Falcon, ...) and the SiLU-and-mul -> quant in front of down_proj.
+
+Values: the fused kernel normalizes, applies the gain in the 16-bit dtype and quantizes as the unfused pair does,
+but reduces in its own order: an int8 value may differ by one step, a scale by rounding (bounds in tests/gpu).
+Off: ``--additional-config '{"smoothquant": {"fused_quant": false}}'`` (``engine_options.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from typing import Any
 
 import torch
 
-# vLLM's layer name (last part of the prefix) -> the op that produces its input, across the supported families.
-ROLES: Mapping[str, str] = {
-    # after a norm (RMSNorm / LayerNorm, with the residual add before it)
-    "qkv_proj": "norm", "gate_up_proj": "norm", "fc1": "norm", "query_key_value": "norm",
-    "dense_h_to_4h": "norm",
-    # after the MLP's activation function (SiLU/GELU-and-mul, ReLU, GELU)
-    "down_proj": "act", "fc2": "act", "dense_4h_to_h": "act",
-    # after attention (an opaque op: nothing to fuse with; the quant runs as a Triton kernel of its own)
-    "o_proj": "attn_out", "out_proj": "attn_out", "dense": "attn_out",
-}
-ALL_ROLES = ("norm", "act", "attn_out")
-# Off by default (engine_options.py): on an H100 (Llama-3-8B shape, benchmarks/RESULTS.md) Inductor's fused kernels
-# were not faster than its norm / activation kernel + vLLM's quant kernel (act + quant: 6.4 vs 3.4 us per call at
-# batch 1, a looped reduction over one row in one thread block; norm + quant: even at batch 1, -10 % at batch 64),
-# decode latency 0.97x stock at batch 1, 1.00x at 8 and 64; and a fused LayerNorm (OPT) reduces in another order
-# than the unfused one.
+POST_PASS_KEY = "post_grad_custom_post_pass"  # vLLM's (and Inductor's) name of the slot
+DEFAULT_EPSILONS = (1e-5, 1e-6)  # registered for every model, plus the model's own
+STATS = {"installed": False, "matched": 0}  # in this process: pass installed, pairs replaced (over all compiles)
 
 
-def role_of(prefix: str) -> str | None:
-    """The producer role of the linear layer named ``prefix`` in vLLM (None: not a known layer)."""
-    return ROLES.get(prefix.rpartition(".")[2])
-
-
-def engine_fuses() -> frozenset[str]:
-    """The roles to fuse in the engine being built: none unless CUDA with vLLM's Inductor compilation."""
-    from vllm.config import CompilationMode, get_current_vllm_config_or_none
+def engine_fuses(vllm_config: Any) -> bool:
+    """Whether the engine being built fuses its RMSNorm -> int8 pairs: CUDA, vLLM's Inductor compilation, option on."""
+    from vllm.config import CompilationMode
     from vllm.platforms import current_platform
 
     from .engine_options import EngineOptions
 
+    on = EngineOptions.parse(getattr(vllm_config, "additional_config", None)).fused_quant  # validated everywhere
+    if vllm_config is None or not on or not current_platform.is_cuda():
+        return False
+    cc = vllm_config.compilation_config
+    return cc.mode == CompilationMode.VLLM_COMPILE and cc.backend == "inductor"
+
+
+def install() -> bool:
+    """Put the pass into the current engine's compilation config (idempotent); False where the engine does not fuse.
+    Called by the linear method while vLLM builds the model, before vLLM configures its pass manager."""
+    from vllm.config import get_current_vllm_config_or_none
+
+    from .engine_log import engine_logger
+
     cfg = get_current_vllm_config_or_none()
-    roles = EngineOptions.parse(getattr(cfg, "additional_config", None)).fused_quant  # validated on every platform
-    if cfg is None or not current_platform.is_cuda():
-        return frozenset()
-    cc = cfg.compilation_config
-    if cc.mode != CompilationMode.VLLM_COMPILE or cc.backend != "inductor":
-        return frozenset()  # eager (or another backend): vLLM's CUDA quant kernel is the fast path there
-    return roles
+    if not engine_fuses(cfg):
+        return False
+    slots = cfg.compilation_config.inductor_compile_config
+    current = slots.get(POST_PASS_KEY)
+    if current is not None and not isinstance(current, _pass_class()):
+        engine_logger(__name__).warning_once(
+            "SmoothQuant: compilation_config.inductor_compile_config['%s'] already holds %r; the RMSNorm -> int8 "
+            "fusion needs that slot and stays off (the unfused quant kernel runs)", POST_PASS_KEY, current)
+        return False
+    if current is None:
+        slots[POST_PASS_KEY] = _pass_class()(cfg)
+        STATS["installed"] = True
+        engine_logger(__name__).info_once("SmoothQuant: RMSNorm -> int8 quant fused (vLLM's "
+                                          "rms_norm_dynamic_per_token_quant); off with additional_config "
+                                          "smoothquant.fused_quant=false", scope="global")
+    return True
 
 
-# fp32 -> 16-bit round-to-nearest-even on the fp32 bits: (mantissa bits dropped, float16's smallest normal)
-_DROPPED = {torch.bfloat16: 16, torch.float16: 13}
-_F16_MIN_NORMAL = 2.0**-14
+def fusion_stats(model: torch.nn.Module | None = None) -> dict:
+    """``{"installed": bool, "matched": int}`` in this process; use with ``LLM.apply_model``. ``matched`` counts the
+    replacements over every graph compiled here (none when vLLM loaded the compiled graphs from its cache)."""
+    return dict(STATS)
 
 
-def _as_stored(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as fp32 holding exactly its 16-bit value. In one kernel with ``x``'s producer, Inductor keeps the
-    producer's fp32 result and elides the 16-bit cast (it even folds a bit-cast round trip away); rounding
-    the fp32 bits by integer arithmetic gives the stored value whether or not the cast was elided.
-    (float16: values beyond its range, which the model would have turned into inf, are not reproduced.)"""
-    xf = x.float()
-    dropped = _DROPPED.get(x.dtype)
-    if dropped is None:
-        return xf
-    bits = xf.view(torch.int32)
-    half_ulp = (1 << (dropped - 1)) - 1 + ((bits >> dropped) & 1)  # ties to even
-    rounded = ((bits + half_ulp) & -(1 << dropped)).view(torch.float32)
-    if x.dtype == torch.float16:  # float16 subnormals: a fixed step of 2^-24
-        rounded = torch.where(xf.abs() < _F16_MIN_NORMAL, (xf * 2.0**24).round() * 2.0**-24, rounded)
-    return rounded
+def _model_epsilons(cfg: Any) -> tuple[float, ...]:
+    hf = getattr(getattr(cfg, "model_config", None), "hf_text_config", None)
+    own = [getattr(hf, k, None) for k in ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "norm_eps")]
+    return tuple(sorted({*DEFAULT_EPSILONS, *(float(e) for e in own if isinstance(e, (int, float)))}))
 
 
-def quant_dynamic(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token symmetric int8: ``(q [M, K] int8, scale [M, 1] fp32)``, as vLLM's ``dynamic_scaled_int8_quant``."""
-    xf = _as_stored(x)
-    absmax = xf.abs().amax(dim=-1, keepdim=True)
-    a64 = absmax.double()
-    scale = (a64 / 127.0).float()
-    inv = torch.where(absmax == 0, 0.0, (torch.full_like(a64, 127.0) / a64).float())  # not 127 * (1 / a)
-    q = (xf * inv).round().clamp(-128, 127).to(torch.int8)
-    return q, scale
+_PASS_CLASS = None
 
 
-def quant_static(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Per-tensor symmetric int8 with a calibrated scale, as vLLM's ``static_scaled_int8_quant``."""
-    xf = _as_stored(x)
-    q = (xf.double() / scale.double()).float()
-    return q.round().clamp(-128, 127).to(torch.int8)
+def _pass_class():
+    """The pass class, defined on first use (vLLM's compilation modules import CUDA-only pieces)."""
+    global _PASS_CLASS
+    if _PASS_CLASS is None:
+        _PASS_CLASS = _define_pass()
+    return _PASS_CLASS
 
 
-def int8_linear(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
-                input_scale: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """The linear on vLLM's CUTLASS int8 GEMM with the input quantized in native torch (weights as vLLM's
-    CUTLASS kernel keeps them after loading: transposed int8, fp32 scales)."""
-    from vllm import _custom_ops as ops
+def _define_pass():
+    import torch._inductor.pattern_matcher as pm
+    from torch._higher_order_ops.auto_functionalize import auto_functionalized
+    import vllm._custom_ops  # noqa: F401  (registers torch.ops._C)
+    from vllm import ir
+    from vllm.compilation.passes.inductor_pass import InductorPass, enable_fake_mode
+    from vllm.compilation.passes.vllm_inductor_pass import VllmInductorPass
 
-    x2 = x.reshape(-1, x.shape[-1])
-    if input_scale is None:
-        q, scale = quant_dynamic(x2)
-    else:
-        q, scale = quant_static(x2, input_scale), input_scale
-    out = ops.cutlass_scaled_mm(q, weight, scale_a=scale, scale_b=weight_scale, out_dtype=x.dtype, bias=bias)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    norm_ops = (torch.ops.vllm_ir.rms_norm.default, torch.ops.vllm_ir.fused_add_rms_norm.default)
+
+    def _arg(node: torch.fx.Node, i: int, name: str):
+        return node.args[i] if len(node.args) > i else node.kwargs.get(name)
+
+    def _same_norm(epsilon: float):
+        """extra_check of a match: the norm's epsilon is the pattern's (the matcher ignores float arguments), and
+        its input and gain have one dtype (the kernel's requirement, as vLLM's fp8 pass checks)."""
+        def check(match: pm.Match) -> bool:
+            for node in match.nodes:
+                if node.target in norm_ops:
+                    add = node.target == norm_ops[1]
+                    x, w = node.args[0], _arg(node, 2 if add else 1, "weight")
+                    eps = _arg(node, 3 if add else 2, "epsilon")
+                    if not isinstance(eps, float) or abs(eps - epsilon) > 1e-12 * max(1.0, epsilon):
+                        return False
+                    if isinstance(x, torch.fx.Node) and isinstance(w, torch.fx.Node):
+                        return x.meta["val"].dtype == w.meta["val"].dtype
+                    return True
+            return False
+        return check
+
+    def _quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """vLLM's ``scaled_int8_quant`` (dynamic, symmetric) as it appears in the functionalized graph."""
+        quant = torch.ops._C.dynamic_scaled_int8_quant.default
+        out_name = quant._schema.arguments[0].name  # "result" (CUDA build), "out" (CPU build)
+        result = torch.empty_like(x, dtype=torch.int8)
+        scale = torch.empty((x.numel() // x.shape[-1], 1), device=x.device, dtype=torch.float32)
+        at = auto_functionalized(quant, **{out_name: result}, input=x, scale=scale, azp=None)
+        return at[1], at[2]
+
+    class Int8RMSNormQuantFusionPass(VllmInductorPass):
+        """vLLM's RMSNorm + quant fusion for int8 dynamic per-token quant (see the module docstring)."""
+
+        FUSED_OP = torch.ops._C.rms_norm_dynamic_per_token_quant.default if hasattr(
+            torch.ops._C, "rms_norm_dynamic_per_token_quant") else None  # CUDA builds of vLLM
+
+        @enable_fake_mode
+        def __init__(self, config) -> None:
+            super().__init__(config)
+            self.epsilons = _model_epsilons(config)
+            self.patterns = pm.PatternMatcherPass(pass_name="smoothquant_int8_rmsnorm_quant_fusion")
+            kw = dict(device=self.device or "cuda", dtype=torch.bfloat16)
+            x, w, r = torch.empty(5, 16, **kw), torch.empty(16, **kw), torch.empty(5, 16, **kw)
+            for eps in self.epsilons:  # the residual pattern first: the plain one is a sub-pattern of it in torch ops
+                pm.register_replacement(*self._fused_add(eps), [x, w, r], pm.fwd_only, self.patterns,
+                                        extra_check=_same_norm(eps))
+                pm.register_replacement(*self._plain(eps), [x, w], pm.fwd_only, self.patterns,
+                                        extra_check=_same_norm(eps))
+
+        def _plain(self, eps: float):
+            def pattern(input: torch.Tensor, weight: torch.Tensor):
+                return _quant(ir.ops.rms_norm(input, weight, eps))
+
+            def replacement(input: torch.Tensor, weight: torch.Tensor):
+                return self._fused(input, weight, eps, None)[:2]
+            return pattern, replacement
+
+        def _fused_add(self, eps: float):
+            def pattern(input: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor):
+                out, residual = ir.ops.fused_add_rms_norm(input, residual, weight, eps)
+                return (*_quant(out), residual)
+
+            def replacement(input: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor):
+                return self._fused(input, weight, eps, residual)
+            return pattern, replacement
+
+        def _fused(self, input, weight, eps, residual):
+            if self.model_dtype is not None:
+                input = input.to(dtype=self.model_dtype)  # a native norm's conversions may have been folded away
+            result = torch.empty_like(input, dtype=torch.int8)
+            scale = torch.empty((input.numel() // input.shape[-1], 1), device=input.device, dtype=torch.float32)
+            at = auto_functionalized(self.FUSED_OP, result=result, input=input, weight=weight, scale=scale,
+                                     epsilon=eps, scale_ub=None, residual=residual)
+            return (at[1], at[2]) if residual is None else (at[1], at[2], at[3])  # int8, scales[, new residual]
+
+        @VllmInductorPass.time_and_log
+        def __call__(self, graph: torch.fx.Graph) -> None:
+            STATS["matched"] += self.patterns.apply(graph)
+
+        def uuid(self) -> str:
+            return InductorPass.hash_dict({"source": self.hash_source(self, _define_pass, _model_epsilons),
+                                           "epsilons": list(self.epsilons)})
+
+        def __deepcopy__(self, memo):  # vLLM deep-copies its Inductor config; the pass itself is stateless
+            return self
+
+    return Int8RMSNormQuantFusionPass

@@ -3,9 +3,8 @@
 Parameters use vLLM's parameter classes, so fused layers (qkv, gate_up) and tensor-parallel
 sharding go through vLLM's own ``weight_loader_v2``. The GEMM is vLLM's int8 kernel chosen
 by ``init_int8_linear_kernel``: ``scaled_int8_quant`` (per-token dynamic or static) +
-``cutlass_scaled_mm`` on CUDA, oneDNN on CPU. On request (``fused_quant.py``), under vLLM's compilation
-on CUDA, the linears after a norm or an activation function quantize their input in native torch
-instead, which Inductor fuses into the norm's / activation's kernel (same int8 values and scales).
+``cutlass_scaled_mm`` on CUDA, oneDNN on CPU. Under vLLM's compilation on CUDA, a compile pass
+(``fused_quant.py``, installed here) replaces RMSNorm + the dynamic quant by vLLM's fused kernel.
 
 The loaders are wrapped with checks, so a checkpoint tensor that does not match the declared
 format (dtype, rank, columns, and rows: those vLLM's layer expects for the shard, before the
@@ -95,7 +94,6 @@ class SmoothQuantLinearMethod(LinearMethodBase):
         self.rotation_block = rotation_block  # the input is rotated by blockdiag(H_b) before the quant (rotation.py)
         self.rotation: InputRotation | None = None
         self.kernel = None
-        self.fused = False  # input quant in native torch, fused by Inductor into the producer (CUDA, compiled)
         self.shards: tuple = (None,)  # the shard ids this layer's loaders must each receive
         self.received: dict[str, set] = {}  # parameter name -> shard ids its loader received (None: whole)
         self.checkpoint_names: dict = {}  # shard id -> checkpoint module name (q -> ...self_attn.q_proj)
@@ -123,14 +121,8 @@ class SmoothQuantLinearMethod(LinearMethodBase):
             input_symmetric=True,
             module_name=type(self).__name__,
         )
-        self.fused = (fused_quant.role_of(self.prefix) in fused_quant.engine_fuses() and self.rotation is None
-                      and type(self.kernel).__name__ == "CutlassInt8ScaledMMLinearKernel")
-        if self.fused:
-            from .engine_log import engine_logger
-
-            engine_logger(__name__).info_once("SmoothQuant: input quant of the linears after %s fused into their "
-                                              "producer's kernel (additional_config smoothquant.fused_quant)",
-                                              sorted(fused_quant.engine_fuses()), scope="global")
+        if self.activations.dynamic:
+            fused_quant.install()  # RMSNorm -> int8 in vLLM's fused kernel where the engine compiles on CUDA
         self.shards = layer_shards(layer)
         parent, _, leaf = self.prefix.rpartition(".")
         parts = _packed_modules().get(leaf) or []
@@ -296,8 +288,6 @@ class SmoothQuantLinearMethod(LinearMethodBase):
     def apply(self, layer: torch.nn.Module, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if self.rotation is not None:
             x = self.rotation(x)
-        if self.fused and torch.compiler.is_compiling():
-            return fused_quant.int8_linear(x, layer.weight, layer.weight_scale, layer.input_scale, bias)
         return self.kernel.apply_weights(layer, x, bias)
 
 
@@ -306,8 +296,3 @@ def quant_methods(model: torch.nn.Module) -> dict[str, str]:
     from vllm.model_executor.layers.linear import LinearBase
 
     return {n: type(m.quant_method).__name__ for n, m in model.named_modules() if isinstance(m, LinearBase)}
-
-
-def fused_linears(model: torch.nn.Module) -> list[str]:
-    """Names of the linear layers whose input quant runs fused into its producer; use with ``LLM.apply_model``."""
-    return [n for n, m in model.named_modules() if getattr(getattr(m, "quant_method", None), "fused", False)]

@@ -1,12 +1,10 @@
-"""On CUDA: the activation quant fused into the norm / activation kernel by Inductor gives vLLM's int8 values and
-scales exactly; an engine with it fused serves the same greedy tokens and prompt logprobs as one without where the
-norm is an RMSNorm (Llama). With LayerNorm (OPT) the fused kernel reduces in another order than Inductor's unfused
-LayerNorm kernel, so the normalized 16-bit values (not the quant) can differ by an ulp: there the drift is bounded.
+"""On CUDA: the RMSNorm -> int8 fusion (``fused_quant.py``, on by default) against the unfused pair.
 
-Op level: each producer (RMSNorm, residual add + RMSNorm, LayerNorm with bias, SiLU-and-mul, ReLU) and the quant
-compiled together, then vLLM's own ``scaled_int8_quant`` applied to the producer's output: equal int8 values and
-scales; the number of Triton kernels Inductor generated is recorded. Engine level: tiny Llama and OPT, vLLM's
-defaults (torch.compile + CUDA graphs) with ``fused_quant: ["norm", "act"]`` vs the default (off).
+Op level: vLLM's fused kernel ``rms_norm_dynamic_per_token_quant`` (int8 out, with and without the residual add)
+against vLLM's norm kernels then vLLM's ``scaled_int8_quant``, on random inputs with an outlier channel (bf16/fp16,
+1/64/4096 tokens): int8 values within one step, scales within 1e-3 relative, the new residual equal.
+Engine level: tiny Llama under vLLM's defaults (torch.compile + CUDA graphs), fused (default) vs ``fused_quant:
+false``: the pass replaced both pairs of every layer, greedy tokens equal, prompt logprobs within 0.05.
 
 Skipped where there is no CUDA. ``SQ_FUSED_RECORD=FILE`` writes the measured numbers as JSON.
 """
@@ -18,10 +16,8 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from engines import run_engine
 
-from vllm_smoothquant import fused_quant as fq
 from vllm_smoothquant.offline import harness
 
 pytestmark = [
@@ -30,22 +26,9 @@ pytestmark = [
 ]
 
 RECORD: dict = {}
-FUSED = {"additional_config": {"smoothquant": {"fused_quant": ["norm", "act"]}}}
-H = 4096
-
-
-def _rms(x, w, eps=1e-5):
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
-
-
-PRODUCERS = {
-    "rms_norm": lambda x, r, w, b: (_rms(x, w),),
-    "add_rms_norm": lambda x, r, w, b: (_rms(x + r, w), x + r),
-    "layer_norm_bias": lambda x, r, w, b: (F.layer_norm(x, (H,), w, b),),
-    "silu_and_mul": lambda x, r, w, b: (F.silu(torch.cat([x, r], -1)[..., :H]) * torch.cat([x, r], -1)[..., H:],),
-    "relu": lambda x, r, w, b: (F.relu(x),),
-}
+UNFUSED = {"additional_config": {"smoothquant": {"fused_quant": False}}}
+H, EPS = 4096, 1e-5
+LOGPROB_BOUND = 0.05
 
 
 def _inputs(tokens: int, dtype):
@@ -54,55 +37,57 @@ def _inputs(tokens: int, dtype):
     x[:, 11] *= 30  # an outlier channel
     r = torch.randn(tokens, H, device="cuda", generator=g)
     w = torch.rand(H, device="cuda", generator=g) + 0.5
-    b = torch.randn(H, device="cuda", generator=g) * 0.1
-    return [t.to(dtype) for t in (x, r, w, b)]
+    return [t.to(dtype) for t in (x, r, w)]
 
 
+@pytest.mark.parametrize("tokens", [1, 64, 4096])
+@pytest.mark.parametrize("residual", [False, True], ids=["norm", "add_norm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("scheme", ["dynamic", "static"])
-@pytest.mark.parametrize("producer", list(PRODUCERS))
-def test_fused_quant_equals_vllm_kernel(producer, scheme, dtype):
-    from torch._inductor.utils import run_and_get_code
+def test_fused_kernel_within_one_step_of_the_pair(dtype, residual, tokens):
     from vllm import _custom_ops as ops
 
-    scale = torch.tensor(0.04, device="cuda")
+    x, r, w = _inputs(tokens, dtype)
+    if residual:
+        y, r_pair = x.clone(), r.clone()
+        ops.fused_add_rms_norm(y, r_pair, w, EPS)  # in place: y = norm(x + r), r_pair = x + r
+    else:
+        y, r_pair = torch.empty_like(x), None
+        ops.rms_norm(y, x, w, EPS)
+    q_pair, s_pair, _ = ops.scaled_int8_quant(y)
+    r_fused = r.clone() if residual else None
+    q, s = ops.rms_norm_dynamic_per_token_quant(x, w, EPS, torch.int8, residual=r_fused)
 
-    def fused(x, r, w, b):
-        outs = PRODUCERS[producer](x, r, w, b)
-        q = fq.quant_dynamic(outs[0]) if scheme == "dynamic" else (fq.quant_static(outs[0], scale), scale)
-        return *outs, *q
-
-    torch._dynamo.reset()
-    compiled = torch.compile(fused, dynamic=False)
-    kernels = {}
-    for tokens in (1, 64, 4096):
-        args = _inputs(tokens, dtype)
-        (y, *_, q, s), codes = run_and_get_code(compiled, *args)
-        q_ref, s_ref, _ = ops.scaled_int8_quant(y.contiguous(), None if scheme == "dynamic" else scale)
-        assert torch.equal(q, q_ref), (tokens, (q != q_ref).sum().item())
-        assert torch.equal(s.reshape(-1), s_ref.reshape(-1)), tokens
-        kernels[tokens] = sum(c.count("@triton.jit") for c in codes)
-    RECORD.setdefault("op_level_equal", []).append(
-        {"producer": producer, "scheme": scheme, "dtype": str(dtype), "triton_kernels_by_tokens": kernels})
+    steps = (q.int() - q_pair.int()).abs()
+    scale_rel = ((s.reshape(-1) - s_pair.reshape(-1)).abs() / s_pair.reshape(-1)).max().item()
+    row = {"dtype": str(dtype), "residual": residual, "tokens": tokens, "max_int8_step": steps.max().item(),
+           "int8_values_differing": steps.ne(0).float().mean().item(), "max_scale_rel_diff": scale_rel}
+    if residual:
+        row["residual_equal"] = torch.equal(r_fused, r_pair)
+    RECORD.setdefault("op_level", []).append(row)
+    assert steps.max().item() <= 1, row
+    assert scale_rel <= 1e-3, row
+    if residual:
+        assert row["residual_equal"], row
 
 
-@pytest.mark.parametrize("arch", ["llama", "opt"])
-def test_engine_fused_equals_unfused(arch, request, prompts):
-    ckpt = request.getfixturevalue(arch)[1]
-    fused = run_engine(ckpt, "smoothquant", prompts, **FUSED)
-    plain = run_engine(ckpt, "smoothquant", prompts)
-    per_layer = 3  # qkv / gate_up | fc1 after a norm, down_proj | fc2 after the activation
-    RECORD.setdefault("engine", {})[arch] = {
-        "fused_linears": len(fused["fused"]), "unfused_engine_fused_linears": len(plain["fused"]),
+def test_engine_fused_vs_unfused(llama, prompts, monkeypatch):
+    monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")  # graphs from vLLM's cache would not run the pass here
+    _, ckpt, _ = llama
+    fused = run_engine(ckpt, "smoothquant", prompts)
+    plain = run_engine(ckpt, "smoothquant", prompts, **UNFUSED)
+    layers = 4  # tiny Llama (conftest): input_layernorm -> qkv_proj, post_attention_layernorm -> gate_up_proj
+    diff = (fused["logprobs"] - plain["logprobs"]).abs()
+    RECORD["engine"] = {
+        "fusion_fused_engine": fused["fusion"], "fusion_unfused_engine": plain["fusion"],
         "greedy_equal": f"{sum(a == b for a, b in zip(fused['tokens'], plain['tokens']))}/{len(prompts)}",
-        "max_abs_prompt_logprob_diff": (fused["logprobs"] - plain["logprobs"]).abs().max().item(),
+        "max_abs_prompt_logprob_diff": diff.max().item(), "mean_abs_prompt_logprob_diff": diff.mean().item(),
+        "bound": LOGPROB_BOUND,
     }
-    assert len(fused["fused"]) == 4 * per_layer and plain["fused"] == []
-    if arch == "llama":  # RMSNorm: bit-identical, as docs/TESTING.md says
-        assert fused["tokens"] == plain["tokens"]
-        assert torch.equal(fused["logprobs"], plain["logprobs"])
-    else:  # LayerNorm: measured 7/8 greedy sequences, max |d logprob| 0.0087 on the H100
-        assert (fused["logprobs"] - plain["logprobs"]).abs().max().item() < 0.05
+    assert fused["fusion"]["installed"] and not plain["fusion"]["installed"], RECORD["engine"]
+    # both pairs of every layer, in at least one compiled graph (vLLM compiles a graph per shape range)
+    assert fused["fusion"]["matched"] >= 2 * layers and plain["fusion"]["matched"] == 0, RECORD["engine"]
+    assert fused["tokens"] == plain["tokens"], RECORD["engine"]
+    assert diff.max().item() < LOGPROB_BOUND, RECORD["engine"]
 
 
 def test_write_record():

@@ -85,14 +85,16 @@ def _serve_and_compare(ckpt: Path) -> tuple[dict[str, str], torch.Tensor]:
 
 
 def test_every_decoder_linear_uses_smoothquant(engine):
-    from vllm_smoothquant.linear_method import fused_linears, quant_methods
+    from vllm_smoothquant.fused_quant import fusion_stats
+    from vllm_smoothquant.linear_method import quant_methods
 
     arch, _, llm = engine
     methods = llm.apply_model(quant_methods)[0]
     decoder = {n: m for n, m in methods.items() if ".layers." in n or ".h." in n}
     assert len(decoder) == 2 * 4  # per layer: qkv, o, gate_up | fc1, down | fc2
     assert set(decoder.values()) == {"SmoothQuantLinearMethod"}
-    assert llm.apply_model(fused_linears)[0] == []  # the CPU keeps vLLM's quant kernel (fused quant: CUDA only)
+    # the CPU keeps vLLM's quant kernel after the norm (the RMSNorm -> int8 fusion pass: CUDA only)
+    assert llm.apply_model(fusion_stats)[0] == {"installed": False, "matched": 0}
 
 
 def test_prompt_logprobs_match_fake_quant_reference(engine):
