@@ -4,7 +4,7 @@ SmoothQuant with the fusion (the default) vs without, interleaved repeats in one
     python benchmarks/gpu_bench.py build --shape llama-3-8b --root R --tokenizer TOK --device cuda
     python benchmarks/fused_bench.py latency --shape llama-3-8b --root R --out lat.json
     python benchmarks/fused_bench.py profile --shape llama-3-8b --root R --out prof.json --variants fp16 smoothquant
-    python benchmarks/fused_bench.py report --latency-json lat.json --profile-json prof.json --out results/NAME.md
+    python benchmarks/fused_bench.py report --latency-json lat.json [lat2.json] --profile-json prof.json --out results/NAME.md
 
 `latency`: every variant's engine is built once (vLLM's defaults: torch.compile + CUDA graphs, each engine a share
 of the GPU) and the measurements rotate through them -- repeat r, workload, variant v -- so a drift of the
@@ -34,13 +34,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from gpu_bench import _dirs  # noqa: E402
 
-UNFUSED = {"smoothquant": {"fused_quant": False}}
+FUSED = {"smoothquant": {"fused_quant": True}}
 # variant -> (checkpoint variant in gpu_bench's build, quantization, additional_config)
 VARIANTS = {
     "fp16": ("fp16", None, None),
     "stock_w8a8": ("stock_w8a8", None, None),
-    "smoothquant": ("smoothquant", "smoothquant", None),  # the default: RMSNorm -> int8 in vLLM's fused kernel
-    "smoothquant_unfused": ("smoothquant", "smoothquant", UNFUSED),  # the norm, then vLLM's quant kernel, as stock
+    "smoothquant": ("smoothquant", "smoothquant", None),  # the default: the norm, then vLLM's quant kernel, as stock
+    "smoothquant_fused": ("smoothquant", "smoothquant", FUSED),  # RMSNorm -> int8 in vLLM's fused kernel
 }
 
 # kernel name -> category. Inductor names a Triton kernel after the ops it fused (and after ops whose output buffers
@@ -188,14 +188,34 @@ def profile(args) -> dict:
             "category (regexes in benchmarks/fused_bench.py)", "command": " ".join(sys.argv), "results": out}
 
 
-def report(latency_json: Path, profile_json: Path, out: Path) -> str:
-    """Markdown tables (latency ratios, kernel time by category) and a PNG beside ``out``."""
+def _merge(latency_jsons: list[Path]) -> dict:
+    """Several `latency` runs of the same variants (one call each on the GPU machine) as one: runs concatenated."""
+    runs = [json.loads(p.read_text()) for p in latency_jsons]
+    lat = dict(runs[0], commands=[r["command"] for r in runs])
+    repeats = sum(int(re.search(r"(\d+) interleaved", r["measure"]).group(1)) for r in runs)
+    lat["measure"] = re.sub(r"\d+ interleaved repeats", f"{repeats} interleaved repeats in {len(runs)} runs",
+                            lat["measure"])
+    lat["results"] = {v: {b: {"runs_s": [x for r in runs for x in r["results"][v][b]["runs_s"]]} for b in per}
+                      for v, per in runs[0]["results"].items()}
+    for per in lat["results"].values():
+        for r in per.values():
+            r["mean_s"], r["stdev_s"] = statistics.mean(r["runs_s"]), statistics.stdev(r["runs_s"])
+    if all("throughput" in r for r in runs):
+        lat["throughput"] = dict(runs[0]["throughput"])
+        lat["throughput"]["results"] = {v: {"runs": [x for r in runs for x in r["throughput"]["results"][v]["runs"]]}
+                                        for v in runs[0]["throughput"]["results"]}
+    return lat
+
+
+def report(latency_jsons: list[Path], profile_json: Path, out: Path, base: str = "smoothquant") -> str:
+    """Markdown tables (throughput and latency vs ``base`` and stock, kernel time by category) and a PNG beside
+    ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lat, prof = json.loads(latency_json.read_text()), json.loads(profile_json.read_text())
+    lat, prof = _merge(latency_jsons), json.loads(profile_json.read_text())
     for per in prof["results"].values():  # categories from the kernel names (the rules may be newer than the run)
         for r in per.values():
             cats: dict = {}
@@ -205,40 +225,65 @@ def report(latency_json: Path, profile_json: Path, out: Path) -> str:
             r["share"] = {k: v / r["kernel_us_total"] for k, v in cats.items()}
     res, variants = lat["results"], list(lat["results"])
     batches = list(res[variants[0]])
-    lines = ["| batch | " + " | ".join(f"{v} (s)" for v in variants) + " | " +
-             " | ".join(f"{v} / stock" for v in variants if v != "stock_w8a8") + " |",
-             "|---" * (1 + 2 * len(variants) - 1) + "|"]
+    lines = [f"{lat['device']}, vLLM {lat['vllm']}, torch {lat['torch']}, {lat['date']}; {lat['model']}", ""]
+    tput = lat.get("throughput", {}).get("results", {})
+    if tput:
+        lines += [f"Throughput ({lat['throughput']['measure']}):", "",
+                  "| variant | tok/s, mean (min–max) | per repeat | vs " + base + " | vs stock_w8a8 |",
+                  "|---|---|---|---|---|"]
+        for v, r in tput.items():
+            x = r["runs"]
+            ratio = [a / b for a, b in zip(x, tput[base]["runs"])]  # repeat by repeat: interleaved
+            lines.append(f"| {v} | {statistics.mean(x):,.0f} ({min(x):,.0f}–{max(x):,.0f}) | "
+                         + ", ".join(f"{y:,.0f}" for y in x) + f" | {statistics.mean(ratio):.3f}× "
+                         f"({min(ratio):.3f}–{max(ratio):.3f}) | "
+                         f"{statistics.mean(x) / statistics.mean(tput['stock_w8a8']['runs']):.3f}× |")
+        lines.append("")
+    lines += [f"Latency ({lat['measure']}):", "",
+              "| batch | " + " | ".join(f"{v} (s)" for v in variants) + " | " +
+              " | ".join(f"{v} / {base}" for v in variants if v != base) + " |",
+              "|---" * (1 + 2 * len(variants) - 1) + "|"]
     for b in batches:
-        stock = res["stock_w8a8"][b]["mean_s"]
         cells = [f"{res[v][b]['mean_s']:.4f} ± {res[v][b]['stdev_s']:.4f}" for v in variants]
-        ratios = [f"{stock / res[v][b]['mean_s']:.3f}x" for v in variants if v != "stock_w8a8"]
+        ratios = [f"{res[v][b]['mean_s'] / res[base][b]['mean_s']:.3f}×" for v in variants if v != base]
         lines.append(f"| {b} | " + " | ".join(cells + ratios) + " |")
     cats = sorted({c for per in prof["results"].values() for r in per.values() for c in r["share"]})
-    lines += ["", "| variant | batch | GPU kernel time (ms) | GPU idle in window | " + " | ".join(cats) + " |",
-              "|---" * (4 + len(cats)) + "|"]
+    lines += ["", f"Kernel time ({prof['measure']}), ms:", "",
+              "| variant | batch | GPU kernel time | " + " | ".join(cats) + " |", "|---" * (3 + len(cats)) + "|"]
     for v, per in prof["results"].items():
         for b, r in per.items():
-            lines.append(f"| {v} | {b} | {r['kernel_us_total'] / 1e3:.1f} | {r['gpu_idle_share_of_window']:.1%} | "
-                         + " | ".join(f"{r['share'].get(c, 0):.1%}" for c in cats) + " |")
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(13, 4.5))
+            lines.append(f"| {v} | {b} | {r['kernel_us_total'] / 1e3:.1f} | "
+                         + " | ".join(f"{r['kernel_us_total'] * r['share'].get(c, 0) / 1e3:.2f}" for c in cats) + " |")
+    fig, axes = plt.subplots(1, 3 if tput else 2, figsize=(17 if tput else 13, 4.5))
+    if tput:
+        ax = axes[0]
+        ax.bar(range(len(tput)), [statistics.mean(r["runs"]) for r in tput.values()], 0.6,
+               yerr=[[statistics.mean(r["runs"]) - min(r["runs"]) for r in tput.values()],
+                     [max(r["runs"]) - statistics.mean(r["runs"]) for r in tput.values()]], capsize=4)
+        ax.set_xticks(range(len(tput)), list(tput), fontsize=8)
+        ax.set_ylabel("total tokens/s (mean, min-max over repeats)")
+        ax.set_title("throughput, 1000 x 1024 in / 128 out")
+        ax.set_ylim(min(min(r["runs"]) for r in tput.values()) * 0.95, None)
+    a1, a2 = axes[-2], axes[-1]
     w = 0.8 / len(variants)
     for i, v in enumerate(variants):
         a1.bar([j + i * w for j in range(len(batches))], [res[v][b]["mean_s"] for b in batches], w,
                yerr=[res[v][b]["stdev_s"] for b in batches], label=v, capsize=3)
     a1.set_xticks([j + w for j in range(len(batches))], [f"batch {b}" for b in batches])
     a1.set_ylabel("latency, s (128 in / 128 out)")
-    a1.set_title(f"{lat['model']}, {lat['device']}: decode latency")
+    a1.set_title(f"{lat['model']}, {lat['device']}: latency")
     a1.legend(fontsize=8)
-    labels, bottoms = [], None
     rows = [(f"{v}\nb{b}", r) for v, per in prof["results"].items() for b, r in per.items()]
     bottoms = [0.0] * len(rows)
-    for c in cats:
+    for c in [c for c in cats if "norm" in c or "quant" in c]:  # the kernels the fusion is about
         vals = [r["kernel_us_total"] / 1e3 * r["share"].get(c, 0) for _, r in rows]
         a2.bar(range(len(rows)), vals, 0.7, bottom=bottoms, label=c)
         bottoms = [x + y for x, y in zip(bottoms, vals)]
+    for i, total in enumerate(bottoms):
+        a2.annotate(f"{total:.1f}", (i, total), ha="center", va="bottom", fontsize=8)
     a2.set_xticks(range(len(rows)), [n for n, _ in rows], fontsize=7)
-    a2.set_ylabel("GPU kernel time in the profiled window, ms")
-    a2.set_title("kernel time by category (vLLM torch profiler)")
+    a2.set_ylabel("GPU time of norm and int8 quant kernels, ms")
+    a2.set_title("norm + quant kernel time (vLLM torch profiler, 1024 in / 16 out)", fontsize=9)
     a2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=120)
@@ -250,12 +295,13 @@ def report(latency_json: Path, profile_json: Path, out: Path) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["latency", "profile", "report"])
-    p.add_argument("--latency-json", type=Path, help="report: the latency JSON")
+    p.add_argument("--latency-json", type=Path, nargs="+", help="report: the latency JSON(s), merged")
+    p.add_argument("--base", default="smoothquant", help="report: the variant the ratios are taken against")
     p.add_argument("--profile-json", type=Path, help="report: the profile JSON")
     p.add_argument("--shape")
     p.add_argument("--root", type=Path)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--variants", nargs="+", default=["stock_w8a8", "smoothquant_unfused", "smoothquant"])
+    p.add_argument("--variants", nargs="+", default=["stock_w8a8", "smoothquant", "smoothquant_fused"])
     p.add_argument("--batches", nargs="+", type=int, default=[1, 8, 64])
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--iters", type=int, default=3)
@@ -268,7 +314,7 @@ def main() -> None:
     p.add_argument("--profile-dir", default="/tmp/sq-profile")
     args = p.parse_args()
     if args.mode == "report":
-        print(report(args.latency_json, args.profile_json, args.out))
+        print(report(args.latency_json, args.profile_json, args.out, args.base))
         return
     if args.shape is None or args.root is None:
         p.error("latency and profile need --shape and --root")

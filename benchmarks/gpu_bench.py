@@ -38,9 +38,9 @@ VARIANTS = {
     "fp16_kv8": ("fp16", ["--kv-cache-dtype", "fp8"]),
     "stock_w8a8": ("stock_w8a8", []),
     "smoothquant": ("smoothquant", ["--quantization", "smoothquant"]),
-    # RMSNorm and the int8 quant as two kernels, as stock (the default fuses them: fused_quant.py)
-    "smoothquant_unfused": ("smoothquant", ["--quantization", "smoothquant", "--additional-config",
-                                            '{"smoothquant": {"fused_quant": false}}']),
+    # RMSNorm -> int8 in vLLM's fused kernel (opt-in: fused_quant.py)
+    "smoothquant_fused": ("smoothquant", ["--quantization", "smoothquant", "--additional-config",
+                                          '{"smoothquant": {"fused_quant": true}}']),
     # the int8 experts through the plugin's int32-accumulating kernel (moe_int8.py; the CUDA default since
     # 2026-11-23 session 10, asked for explicitly here), or through vLLM's int8 fused-MoE kernel
     "smoothquant_int32acc": ("smoothquant", ["--quantization", "smoothquant", "--additional-config",

@@ -1,7 +1,7 @@
 """The plugin's engine options: vLLM's ``--additional-config '{"smoothquant": {...}}'``, validated once.
 
-    fused_quant   RMSNorm -> int8 quant in vLLM's one fused kernel (``fused_quant.py``): true (the default) or
-                  false; on CUDA under vLLM's compilation only
+    fused_quant   RMSNorm -> int8 quant in vLLM's one fused kernel (``fused_quant.py``): true or false (the
+                  default: it measured slower than the two kernels on an H200); CUDA under vLLM's compilation only
     moe_kernel    the kernel of the int8 experts on CUDA: "auto" (the default: "int32_acc" where it can run, else
                   vLLM's), "int32_acc" (``moe_int8.py``: vLLM's kernel design accumulating in int32 inside the MMA;
                   a warning where it cannot run) or "vllm" (vLLM's Triton fused-MoE kernel)
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 SECTION = "smoothquant"  # key of this plugin's section in additional_config
 MOE_KERNELS = ("auto", "int32_acc", "vllm")
-EXAMPLE = '--additional-config \'{"smoothquant": {"moe_kernel": "int32_acc", "fused_quant": false}}\''
+EXAMPLE = '--additional-config \'{"smoothquant": {"moe_kernel": "int32_acc", "fused_quant": true}}\''
 
 
 class EngineOptionsError(ValueError):
@@ -26,7 +26,7 @@ class EngineOptionsError(ValueError):
 
 @dataclass(frozen=True)
 class EngineOptions:
-    fused_quant: bool = True
+    fused_quant: bool = False
     moe_kernel: str = "auto"
 
     @classmethod
@@ -44,7 +44,7 @@ class EngineOptions:
         fused = section.get("fused_quant", cls.fused_quant)
         if not isinstance(fused, bool):
             raise EngineOptionsError(f'additional_config["{SECTION}"]["fused_quant"] = {fused!r}: use true or false '
-                                     f"(default true: RMSNorm -> int8 in vLLM's fused kernel). The per-producer "
+                                     f"(default false; true: RMSNorm -> int8 in vLLM's fused kernel). The per-producer "
                                      f"lists of earlier versions are gone: the fusion covers RMSNorm only.")
         kernel = section.get("moe_kernel", cls.moe_kernel)
         if kernel not in MOE_KERNELS:

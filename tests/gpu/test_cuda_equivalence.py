@@ -1,7 +1,7 @@
 """On CUDA: SmoothQuant plugin == stock vLLM W8A8 (compressed-tensors) on the same int8 weights, bit for bit
-(greedy tokens and prompt logprobs, at TP=1 and TP=2) with the fused RMSNorm -> int8 kernel off (stock runs the
-norm and the quant apart; the fused kernel rounds on its own: ``test_cuda_fused_quant.py``), and the drift from the
-unquantized model is bounded. vLLM defaults: torch.compile and CUDA graphs on.
+(greedy tokens and prompt logprobs, at TP=1 and TP=2), and the drift from the unquantized model is bounded.
+vLLM defaults: torch.compile and CUDA graphs on; the plugin's defaults: the opt-in fused RMSNorm -> int8 kernel off
+(it rounds on its own: ``test_cuda_fused_quant.py``).
 
 Skipped where there is no CUDA. ``SQ_GPU_RECORD=FILE`` writes the measured numbers as JSON.
 """
@@ -31,11 +31,8 @@ def _report(record: dict, env: str) -> None:
             json.dump(record, f, indent=2)
 
 
-UNFUSED = {"additional_config": {"smoothquant": {"fused_quant": False}}}  # the norm and the quant apart, as stock
-
-
 def _run(model_dir, quantization, prompts, tp: int = 1):
-    r = run_engine(model_dir, quantization, prompts, tp, **(UNFUSED if quantization == "smoothquant" else {}))
+    r = run_engine(model_dir, quantization, prompts, tp)
     return r["tokens"], r["logprobs"], r["methods"]
 
 
@@ -69,7 +66,7 @@ def test_rotated_checkpoint_matches_stock_transforms_and_eager(llama_rotated, pr
     base, sq, ct = llama_rotated
     sq_tok, sq_lp, sq_methods = _run(sq, "smoothquant", prompts)
     ct_tok, ct_lp, ct_methods = _run(ct, None, prompts)
-    eager = run_engine(sq, "smoothquant", prompts, enforce_eager=True, **UNFUSED)
+    eager = run_engine(sq, "smoothquant", prompts, enforce_eager=True)
     _, fp_lp, _ = _run(base, None, prompts)
     record = {
         **harness.provenance(), "prompts": PROMPTS, "prompt_len": PROMPT_LEN,

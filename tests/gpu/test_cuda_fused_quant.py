@@ -1,10 +1,13 @@
-"""On CUDA: the RMSNorm -> int8 fusion (``fused_quant.py``, on by default) against the unfused pair.
+"""On CUDA: the RMSNorm -> int8 fusion (``fused_quant.py``, opt-in) against the unfused pair.
 
 Op level: vLLM's fused kernel ``rms_norm_dynamic_per_token_quant`` (int8 out, with and without the residual add)
 against vLLM's norm kernels then vLLM's ``scaled_int8_quant``, on random inputs with an outlier channel (bf16/fp16,
-1/64/4096 tokens): int8 values within one step, scales within 1e-3 relative, the new residual equal.
-Engine level: tiny Llama under vLLM's defaults (torch.compile + CUDA graphs), fused (default) vs ``fused_quant:
-false``: the pass replaced both pairs of every layer, greedy tokens equal, prompt logprobs within 0.05.
+1/64/4096 tokens), the new residual equal. The kernel takes the scale from the fp32 normalized values, before the
+16-bit rounding of the unfused norm: measured on an H200 (2026-12-03) int8 values within 2 steps and scales within
+0.91 % in bfloat16 (bf16's rounding: up to 2^-7), 1 step and 0.12 % in float16; asserted: 2 steps / 1 % and 1 step /
+0.2 %. Engine level: tiny Llama (fp16) under vLLM's defaults (torch.compile + CUDA graphs), ``fused_quant: true`` vs
+the default: the pass replaced the pairs of every compiled piece, prompt logprobs within the stated bounds (random
+weights: greedy continuations may part where two tokens are near-tied; counted, not asserted).
 
 Skipped where there is no CUDA. ``SQ_FUSED_RECORD=FILE`` writes the measured numbers as JSON.
 """
@@ -26,9 +29,11 @@ pytestmark = [
 ]
 
 RECORD: dict = {}
-UNFUSED = {"additional_config": {"smoothquant": {"fused_quant": False}}}
+FUSED = {"additional_config": {"smoothquant": {"fused_quant": True}}}
 H, EPS = 4096, 1e-5
-LOGPROB_BOUND = 0.05
+BOUNDS = {torch.bfloat16: (2, 1e-2), torch.float16: (1, 2e-3)}  # int8 steps, scale relative difference
+# prompt logprobs, fused vs unfused (tiny Llama, fp16): measured max 0.121, mean 0.0148 on the H200
+MAX_LOGPROB_BOUND, MEAN_LOGPROB_BOUND = 0.3, 0.03
 
 
 def _inputs(tokens: int, dtype):
@@ -64,8 +69,9 @@ def test_fused_kernel_within_one_step_of_the_pair(dtype, residual, tokens):
     if residual:
         row["residual_equal"] = torch.equal(r_fused, r_pair)
     RECORD.setdefault("op_level", []).append(row)
-    assert steps.max().item() <= 1, row
-    assert scale_rel <= 1e-3, row
+    max_steps, max_rel = BOUNDS[dtype]
+    assert steps.max().item() <= max_steps, row
+    assert scale_rel <= max_rel, row
     if residual:
         assert row["residual_equal"], row
 
@@ -73,21 +79,22 @@ def test_fused_kernel_within_one_step_of_the_pair(dtype, residual, tokens):
 def test_engine_fused_vs_unfused(llama, prompts, monkeypatch):
     monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")  # graphs from vLLM's cache would not run the pass here
     _, ckpt, _ = llama
-    fused = run_engine(ckpt, "smoothquant", prompts)
-    plain = run_engine(ckpt, "smoothquant", prompts, **UNFUSED)
-    layers = 4  # tiny Llama (conftest): input_layernorm -> qkv_proj, post_attention_layernorm -> gate_up_proj
+    fused = run_engine(ckpt, "smoothquant", prompts, **FUSED)
+    plain = run_engine(ckpt, "smoothquant", prompts)
     diff = (fused["logprobs"] - plain["logprobs"]).abs()
     RECORD["engine"] = {
         "fusion_fused_engine": fused["fusion"], "fusion_unfused_engine": plain["fusion"],
         "greedy_equal": f"{sum(a == b for a, b in zip(fused['tokens'], plain['tokens']))}/{len(prompts)}",
         "max_abs_prompt_logprob_diff": diff.max().item(), "mean_abs_prompt_logprob_diff": diff.mean().item(),
-        "bound": LOGPROB_BOUND,
+        "bounds": {"max": MAX_LOGPROB_BOUND, "mean": MEAN_LOGPROB_BOUND},
     }
     assert fused["fusion"]["installed"] and not plain["fusion"]["installed"], RECORD["engine"]
-    # both pairs of every layer, in at least one compiled graph (vLLM compiles a graph per shape range)
-    assert fused["fusion"]["matched"] >= 2 * layers and plain["fusion"]["matched"] == 0, RECORD["engine"]
-    assert fused["tokens"] == plain["tokens"], RECORD["engine"]
-    assert diff.max().item() < LOGPROB_BOUND, RECORD["engine"]
+    # vLLM compiles the graph in pieces split at attention and compiles identical pieces once: the first layer's
+    # input norm, a middle piece's two norms (post-attention, next input), the last piece's post-attention norm
+    # -- 4 replacements per compiled range (the final norm feeds the 16-bit lm_head: not a pair)
+    assert fused["fusion"]["matched"] >= 4 and fused["fusion"]["matched"] % 4 == 0, RECORD["engine"]
+    assert plain["fusion"]["matched"] == 0, RECORD["engine"]
+    assert diff.max().item() < MAX_LOGPROB_BOUND and diff.mean().item() < MEAN_LOGPROB_BOUND, RECORD["engine"]
 
 
 def test_write_record():

@@ -139,5 +139,7 @@ def test_model_epsilon_registered():
 def test_cpu_engine_does_not_fuse():
     from vllm.config import VllmConfig
 
-    assert not fq.engine_fuses(VllmConfig())  # not CUDA: vLLM's quant kernel after the norm
+    asked = VllmConfig(additional_config={"smoothquant": {"fused_quant": True}})
+    assert not fq.engine_fuses(asked)  # not CUDA: vLLM's quant kernel after the norm, even when asked
+    assert not fq.engine_fuses(VllmConfig())
     assert not fq.engine_fuses(None)
