@@ -66,6 +66,10 @@ def install() -> bool:
     cfg = get_current_vllm_config_or_none()
     if not engine_fuses(cfg):
         return False
+    if _pass_class().FUSED_OP is None:
+        engine_logger(__name__).warning_once("SmoothQuant: fused_quant is on but this vLLM build has no "
+                                             "rms_norm_dynamic_per_token_quant kernel; the unfused quant kernel runs")
+        return False
     slots = cfg.compilation_config.inductor_compile_config
     current = slots.get(POST_PASS_KEY)
     if current is not None and not isinstance(current, _pass_class()):
@@ -77,8 +81,8 @@ def install() -> bool:
         slots[POST_PASS_KEY] = _pass_class()(cfg)
         STATS["installed"] = True
         engine_logger(__name__).info_once("SmoothQuant: RMSNorm -> int8 quant fused (vLLM's "
-                                          "rms_norm_dynamic_per_token_quant); off with additional_config "
-                                          "smoothquant.fused_quant=false", scope="global")
+                                          "rms_norm_dynamic_per_token_quant, additional_config "
+                                          "smoothquant.fused_quant=true)", scope="global")
     return True
 
 
