@@ -56,16 +56,12 @@ def engine_fuses(vllm_config: Any) -> bool:
     return cc.mode == CompilationMode.VLLM_COMPILE and cc.backend == "inductor"
 
 
-def install() -> bool:
-    """Put the pass into the current engine's compilation config (idempotent); False where the engine does not fuse.
-    Called by the linear method while vLLM builds the model, before vLLM configures its pass manager."""
-    from vllm.config import get_current_vllm_config_or_none
-
+def install(cfg: Any) -> bool:
+    """Put the pass into the engine's compilation config ``cfg`` (idempotent; where ``engine_fuses(cfg)``); False
+    where it cannot. Called by the linear method while vLLM builds the model, before vLLM configures its pass
+    manager."""
     from .engine_log import engine_logger
 
-    cfg = get_current_vllm_config_or_none()
-    if not engine_fuses(cfg):
-        return False
     if _pass_class().FUSED_OP is None:
         engine_logger(__name__).warning_once("SmoothQuant: fused_quant is on but this vLLM build has no "
                                              "rms_norm_dynamic_per_token_quant kernel; the unfused quant kernel runs")

@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 
 import torch
+from vllm.config import get_current_vllm_config_or_none
 from vllm.model_executor.kernels.linear import init_int8_linear_kernel
 from vllm.model_executor.layers.linear import LinearMethodBase, MergedColumnParallelLinear, QKVParallelLinear
 from vllm.model_executor.parameter import (
@@ -121,8 +122,9 @@ class SmoothQuantLinearMethod(LinearMethodBase):
             input_symmetric=True,
             module_name=type(self).__name__,
         )
-        if self.activations.dynamic:
-            fused_quant.install()  # RMSNorm -> int8 in vLLM's fused kernel where the engine compiles on CUDA
+        engine = get_current_vllm_config_or_none()
+        if fused_quant.engine_fuses(engine) and self.activations.dynamic:  # parsing checks the option everywhere
+            fused_quant.install(engine)  # RMSNorm -> int8 in vLLM's fused kernel (CUDA, compiled, opted in)
         self.shards = layer_shards(layer)
         parent, _, leaf = self.prefix.rpartition(".")
         parts = _packed_modules().get(leaf) or []
